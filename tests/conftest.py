@@ -1,0 +1,98 @@
+"""Shared fixtures. vLLM engines are expensive (20-60 s to start on this CPU) and
+two at once overload the machine, so :class:`Engines` keeps at most one alive
+and hands the same one to every test that asks for the same settings."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Settings every test engine shares: CPU-sized and float32, so GRIFFIN can be
+# compared token for token with the float32 oracle.
+BASE_ENGINE = dict(
+    dtype="float32",
+    enforce_eager=True,
+    gpu_memory_utilization=0.5,
+    seed=0,
+)
+
+
+class Engines:
+    def __init__(self):
+        self.key = None
+        self.llm = None
+
+    def get(self, key: str, *, env: dict[str, str] | None = None, **kwargs):
+        if key == self.key:
+            return self.llm
+        self.close()
+        from vllm import LLM
+
+        saved = {name: os.environ.get(name) for name in (env or {})}
+        os.environ.update(env or {})
+        try:
+            self.llm = LLM(**{**BASE_ENGINE, **kwargs})
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        self.key = key
+        return self.llm
+
+    def close(self):
+        if self.llm is not None:
+            try:
+                self.llm.llm_engine.engine_core.shutdown()
+            finally:
+                self.llm = None
+                self.key = None
+                gc.collect()
+
+
+@pytest.fixture(scope="session")
+def engines():
+    manager = Engines()
+    yield manager
+    manager.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 3-layer random Llama saved by transformers (float32, no tokenizer).
+
+    initializer_range=0.2 makes its next-token distributions peaked, so greedy
+    tokens are decided by real margins rather than float noise."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=512, max_position_embeddings=1024,
+        initializer_range=0.2, tie_word_embeddings=False)
+    cfg.architectures = ["LlamaForCausalLM"]
+    transformers.LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from vllm_griffin.models import prepare_model
+
+    return prepare_model("smollm2-135m-instruct")
+
+
+def hf_model(path: Path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    return model.eval()

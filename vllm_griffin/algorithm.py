@@ -1,0 +1,106 @@
+"""GRIFFIN's selection math (Dong, Chen, Chi, COLM 2024), with no vLLM in sight.
+
+Vocabulary used across the package:
+
+* ``z`` -- the feed-forward activations of one layer, ``act(gate(x)) * up(x)``,
+  one row of width ``D`` per token.
+* *contribution* of a prompt token -- ``z**2 / ||z||**2``: each token's
+  activation pattern normalised to unit length, squared.
+* *statistic* -- ``s_j = sqrt(sum_t contribution_tj)`` over all prompt tokens.
+  The sum is kept (the sqrt is monotone, so top-k is the same on either);
+  chunked prefill adds chunk after chunk into the same sum.
+* *experts* -- the ``k = floor(density * D)`` neurons a sequence keeps for
+  its whole generation: rows of gate/up and columns of down.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("topk", "magnitude", "random", "sample", "topk_sample")
+# Methods that read the prompt's statistic (the others never capture).
+PROMPT_METHODS = frozenset({"topk", "sample", "topk_sample"})
+
+
+def num_experts(density: float, width: int) -> int:
+    """k = floor(density * D), computed as the authors do (``int(D * k_factor)``)."""
+    return int(width * density)
+
+
+def prompt_contributions(z: torch.Tensor) -> torch.Tensor:
+    """Per-token ``z**2 / ||z||**2`` in float32; rows sum to 1 (0 for an all-zero row)."""
+    sq = z.float().square()
+    # An all-zero row (possible with ReLU) contributes nothing instead of NaN.
+    return sq / sq.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def magnitude_scores(w_gate: torch.Tensor, w_up: torch.Tensor | None) -> torch.Tensor:
+    """The static baseline's score ``||W_gate[j]|| * ||W_up[j]||`` (``||W_fc1[j]||`` without up)."""
+    score = w_gate.float().norm(dim=-1)
+    if w_up is not None:
+        score = score * w_up.float().norm(dim=-1)
+    return score
+
+
+def select_experts(
+    stat_sum: torch.Tensor | None,
+    k: int,
+    method: str,
+    *,
+    width: int,
+    generator: torch.Generator | None = None,
+    static_scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One layer's experts for one sequence, as sorted int64 indices of length ``k``.
+
+    ``stat_sum`` is the summed contributions (``s**2``); ``static_scores`` is
+    :func:`magnitude_scores`. The sampling methods follow the authors' code:
+    probabilities proportional to ``s`` (not ``s**2``), without replacement.
+    """
+    if not 0 <= k <= width:
+        raise ValueError(f"k={k} must lie in [0, {width}]")
+    if method == "topk":
+        idx = torch.topk(stat_sum, k).indices
+    elif method == "magnitude":
+        idx = torch.topk(static_scores, k).indices
+    elif method == "random":
+        idx = torch.randperm(width, generator=generator, device="cpu")[:k].to(stat_device(stat_sum, static_scores))
+    elif method == "sample":
+        idx = _sample(_sampling_weights(stat_sum), k, generator)
+    elif method == "topk_sample":
+        # Half by rank, the rest sampled from the others. The authors take
+        # k//2 twice (k-1 experts for odd k); we take k - k//2 so every
+        # method keeps exactly k and costs the same.
+        top = torch.topk(stat_sum, k // 2).indices
+        weights = _sampling_weights(stat_sum)
+        weights[top] = 0
+        idx = torch.cat([top, _sample(weights, k - k // 2, generator)])
+    else:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    return idx.sort().values
+
+
+def topk_experts_batched(stat_sums: torch.Tensor, k: int) -> torch.Tensor:
+    """``select_experts(..., method="topk")`` for several sequences with the same k."""
+    return torch.topk(stat_sums, k, dim=-1).indices.sort(dim=-1).values
+
+
+def stat_device(*tensors: torch.Tensor | None) -> torch.device:
+    for t in tensors:
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def _sampling_weights(stat_sum: torch.Tensor) -> torch.Tensor:
+    # s = sqrt(sum); a floor keeps never-active neurons drawable once the
+    # active ones run out, so k is always reachable.
+    return stat_sum.float().sqrt().clamp_min(1e-30)
+
+
+def _sample(weights: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    if n == 0:
+        return weights.new_empty(0, dtype=torch.long)
+    # Sample on the CPU so a seeded CPU generator gives the same experts on any device.
+    idx = torch.multinomial(weights.cpu(), n, replacement=False, generator=generator)
+    return idx.to(weights.device)

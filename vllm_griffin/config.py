@@ -1,0 +1,146 @@
+"""GRIFFIN's settings: the engine-wide ``additional_config["griffin"]`` block and
+per-request overrides from ``SamplingParams.extra_args``. No vLLM import, so the
+same checks run in the API server, the engine core and the tests."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from vllm_griffin.algorithm import METHODS
+
+CONFIG_KEY = "griffin"
+ENGINE_KEYS = ("density", "method", "densities", "seed")
+REQUEST_KEYS = ("density", "method")
+# Flat spelling for the OpenAI server's `vllm_xargs`, which only carries scalars.
+FLAT_PREFIX = "griffin_"
+
+
+class GriffinConfigError(ValueError):
+    """A GRIFFIN setting with a bad value; the message names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str, where: str):
+        self.key = key
+        super().__init__(f"{where} {key}={value!r} is invalid; allowed: {allowed}")
+
+
+def check_density(value: Any, key: str, where: str) -> float:
+    allowed = "a number with 0 < density <= 1 (1.0 = dense)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GriffinConfigError(key, value, allowed, where)
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise GriffinConfigError(key, value, allowed, where)
+    return float(value)
+
+
+def check_method(value: Any, key: str, where: str) -> str:
+    if value not in METHODS:
+        raise GriffinConfigError(key, value, ", ".join(METHODS), where)
+    return value
+
+
+@dataclass(frozen=True)
+class GriffinConfig:
+    density: float = 0.5
+    method: str = "topk"
+    # One density per decoder layer; overrides `density` when given.
+    densities: tuple[float, ...] | None = None
+    # Seeds the random/sampling baselines (a request's own `seed` takes precedence).
+    seed: int = 0
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> GriffinConfig | None:
+        """The validated config, or None when GRIFFIN is not switched on."""
+        if not additional_config or CONFIG_KEY not in additional_config:
+            return None
+        raw = additional_config[CONFIG_KEY]
+        where = 'additional_config["griffin"]:'
+        if raw is None or raw is True:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise GriffinConfigError("griffin", raw, "a JSON object such as {\"density\": 0.5}", "additional_config:")
+        unknown = sorted(set(raw) - set(ENGINE_KEYS))
+        if unknown:
+            raise GriffinConfigError(unknown[0], raw[unknown[0]], "keys " + ", ".join(ENGINE_KEYS), where)
+        kwargs: dict[str, Any] = {}
+        if "density" in raw:
+            kwargs["density"] = check_density(raw["density"], "density", where)
+        if "method" in raw:
+            kwargs["method"] = check_method(raw["method"], "method", where)
+        if raw.get("densities") is not None:
+            dens = raw["densities"]
+            if isinstance(dens, (str, bytes)) or not hasattr(dens, "__iter__") or len(dens) == 0:
+                raise GriffinConfigError("densities", dens, "a non-empty list with one density per layer", where)
+            kwargs["densities"] = tuple(check_density(d, f"densities[{i}]", where) for i, d in enumerate(dens))
+        if "seed" in raw:
+            seed = raw["seed"]
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise GriffinConfigError("seed", seed, "an integer", where)
+            kwargs["seed"] = seed
+        return cls(**kwargs)
+
+    def check_num_layers(self, num_layers: int) -> None:
+        if self.densities is not None and len(self.densities) != num_layers:
+            raise GriffinConfigError(
+                "densities", list(self.densities), f"needs exactly {num_layers} entries, one per layer of this model",
+                'additional_config["griffin"]:')
+
+    def layer_densities(self, num_layers: int) -> tuple[float, ...]:
+        return self.densities if self.densities is not None else (self.density,) * num_layers
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What one request asked for; None fields fall back to the engine config."""
+
+    density: float | None = None
+    method: str | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self.density is None and self.method is None
+
+
+def parse_request_options(extra_args: Mapping[str, Any] | None) -> RequestOptions:
+    """Read ``extra_args["griffin"] = {"density": .., "method": ..}`` or the flat
+    ``griffin_density`` / ``griffin_method`` keys (what ``vllm_xargs`` sends).
+    Raises :class:`GriffinConfigError` naming the field on any bad value."""
+    if not extra_args:
+        return RequestOptions()
+    where = "request extra_args:"
+    found: dict[str, tuple[str, Any]] = {}
+    if CONFIG_KEY in extra_args:
+        nested = extra_args[CONFIG_KEY]
+        if not isinstance(nested, Mapping):
+            raise GriffinConfigError("griffin", nested, "an object with keys " + ", ".join(REQUEST_KEYS), where)
+        for key, value in nested.items():
+            if key not in REQUEST_KEYS:
+                raise GriffinConfigError(f"griffin.{key}", value, "keys " + ", ".join(REQUEST_KEYS), where)
+            found[key] = (f"griffin.{key}", value)
+    for flat_key, value in extra_args.items():
+        if not flat_key.startswith(FLAT_PREFIX):
+            continue
+        key = flat_key[len(FLAT_PREFIX):]
+        if key not in REQUEST_KEYS:
+            allowed = ", ".join(FLAT_PREFIX + k for k in REQUEST_KEYS)
+            raise GriffinConfigError(flat_key, value, "keys " + allowed, where)
+        found[key] = (flat_key, value)
+    density = method = None
+    if "density" in found:
+        name, value = found["density"]
+        density = check_density(_maybe_number(value), name, where)
+    if "method" in found:
+        name, value = found["method"]
+        method = check_method(value, name, where)
+    return RequestOptions(density=density, method=method)
+
+
+def _maybe_number(value: Any) -> Any:
+    # vllm_xargs values may arrive as strings from some clients ("0.25").
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value

@@ -1,0 +1,282 @@
+"""How GRIFFIN plugs into vLLM.
+
+``register()`` (the ``vllm.general_plugins`` entry point, run in every vLLM
+process) installs exactly one hook: a wrapper around
+``EngineArgs.create_engine_config``. Engines without a ``griffin`` key in
+``additional_config`` pass straight through it and are plain vLLM.
+
+For a GRIFFIN engine the wrapper
+  * validates the config (errors name the key, the value and what is allowed),
+  * switches prefix caching off (cached prompt tokens would miss the statistic),
+  * checks the architecture and the model runner,
+  * points ``parallel_config.worker_cls`` at :class:`GriffinWorker`, which
+    builds the platform's own worker and gives *that instance's* model runner
+    the :class:`GriffinRunnerMixin` (load_model, _model_forward, request removal),
+  * makes the front end reject bad per-request ``extra_args`` before they run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+from vllm_griffin.architectures import spec_for
+from vllm_griffin.config import CONFIG_KEY, GriffinConfig, GriffinConfigError, parse_request_options
+
+logger = logging.getLogger("vllm.griffin")
+
+# Private key beside "griffin" in additional_config: the worker class GriffinWorker wraps.
+BASE_WORKER_KEY = "_griffin_base_worker_cls"
+TESTED_VLLM = "0.32.0"
+
+_REQUIRED_RUNNER_ATTRS = ("load_model", "_model_forward", "_on_request_state_removed", "input_batch",
+                          "query_start_loc", "requests", "get_model")
+
+
+class GriffinCompatError(RuntimeError):
+    """vLLM moved: a hook GRIFFIN relies on is missing."""
+
+
+def _vllm_version() -> str:
+    try:
+        import vllm
+
+        return getattr(vllm, "__version__", "unknown")
+    except Exception:  # pragma: no cover - vllm import itself failing is not ours to report
+        return "unknown"
+
+
+def compat_error(what: str) -> GriffinCompatError:
+    return GriffinCompatError(
+        f"vllm-griffin cannot hook vLLM {_vllm_version()}: {what} is missing (tested with vLLM {TESTED_VLLM}). "
+        "Install a supported vLLM version, or drop the griffin additional_config to run plain vLLM.")
+
+
+def register() -> None:
+    """Entry point of the ``griffin`` general plugin; safe to call many times."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_griffin_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        cfg = GriffinConfig.from_additional_config(self.additional_config)
+        if cfg is None:
+            return original(self, *args, **kwargs)
+        return _create_griffin_engine_config(self, original, cfg, *args, **kwargs)
+
+    create_engine_config._griffin_wrapped = True
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *args, **kwargs):
+    if engine_args.enable_prefix_caching is not False:
+        logger.warning(
+            "GRIFFIN: prefix caching switched off: a cache hit would leave cached prompt tokens "
+            "out of the expert statistic and select different experts.")
+        engine_args.enable_prefix_caching = False
+    _prefer_v1_runner()
+    vllm_config = original(engine_args, *args, **kwargs)
+    spec_for(vllm_config.model_config.architectures)  # unsupported architecture -> clear error now
+    cfg.check_num_layers(vllm_config.model_config.hf_text_config.num_hidden_layers)
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        raise compat_error("support for Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
+    if vllm_config.lora_config is not None:
+        raise ValueError("GRIFFIN does not support LoRA adapters yet; start without --enable-lora "
+                         "or without the griffin additional_config.")
+    parallel = vllm_config.parallel_config
+    if parallel.worker_cls != f"{GriffinWorker.__module__}.{GriffinWorker.__qualname__}":
+        vllm_config.additional_config[BASE_WORKER_KEY] = parallel.worker_cls
+        parallel.worker_cls = f"{GriffinWorker.__module__}.{GriffinWorker.__qualname__}"
+    _install_request_validation()
+    logger.info("GRIFFIN on: density=%s method=%s%s", cfg.density, cfg.method,
+                " (per-layer densities)" if cfg.densities else "")
+    return vllm_config
+
+
+def _prefer_v1_runner() -> None:
+    # The per-step hooks target vLLM's V1 model runner; Model Runner V2 (CUDA's
+    # default with Triton) needs its own hooks. Ask for V1 unless the user chose.
+    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("GRIFFIN: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+
+
+# -- front end: reject bad per-request values before they reach the engine -------------
+
+def _install_request_validation() -> None:
+    try:
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError as exc:  # pragma: no cover - depends on vLLM layout
+        raise compat_error("vllm.v1.engine.input_processor.InputProcessor") from exc
+    original = getattr(InputProcessor, "_validate_params", None)
+    if original is None:
+        raise compat_error("InputProcessor._validate_params")
+    if getattr(original, "_griffin_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def _validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        if CONFIG_KEY in (self.vllm_config.additional_config or {}):
+            validate_sampling_params(params)
+        return result
+
+    _validate_params._griffin_wrapped = True
+    InputProcessor._validate_params = _validate_params
+
+
+def validate_sampling_params(params: Any) -> None:
+    extra_args = getattr(params, "extra_args", None)
+    if not extra_args:
+        return
+    try:
+        parse_request_options(extra_args)
+    except GriffinConfigError as exc:
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError(str(exc), parameter=exc.key) from exc
+
+
+# -- worker side -------------------------------------------------------------------------
+
+class GriffinWorker:
+    """Stands in for the platform's worker class in ``parallel_config.worker_cls``.
+
+    Constructing it (in the worker process) registers GRIFFIN's model class
+    for the served architecture and builds the real worker (CPU, CUDA, ...) as
+    a subclass that gives its model runner GRIFFIN's hooks.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.utils.import_utils import resolve_obj_by_qualname
+
+        vllm_config = kwargs.get("vllm_config") or args[0]
+        base_name = vllm_config.additional_config.get(BASE_WORKER_KEY)
+        if not base_name:
+            raise compat_error(f"additional_config[{BASE_WORKER_KEY!r}]")
+        arch, spec = spec_for(vllm_config.model_config.architectures)
+        model_cls, _ = ModelRegistry.resolve_model_cls([arch], model_config=vllm_config.model_config)
+        ModelRegistry.register_model(arch, griffin_model_class(model_cls, spec))
+        base = resolve_obj_by_qualname(base_name)
+        # Worker extensions vLLM injected into this stand-in's bases travel along.
+        extensions = tuple(b for b in cls.__bases__ if b is not object)
+        worker_cls = _subclass(base, _GriffinWorkerMixin, extensions)
+        return worker_cls(*args, **kwargs)
+
+
+class _GriffinWorkerMixin:
+    def init_device(self, *args, **kwargs):
+        result = super().init_device(*args, **kwargs)
+        runner = getattr(self, "model_runner", None)
+        if runner is None:
+            raise compat_error("Worker.model_runner after init_device")
+        missing = [a for a in _REQUIRED_RUNNER_ATTRS if not hasattr(runner, a)]
+        if missing:
+            raise compat_error(f"{type(runner).__name__}.{missing[0]}")
+        runner.__class__ = _subclass(type(runner), GriffinRunnerMixin)
+        return result
+
+    def griffin_stats(self) -> dict:
+        """Live GRIFFIN state of this worker (``LLM.collective_rpc("griffin_stats")``)."""
+        state = self.model_runner.griffin
+        return {
+            "slots_in_use": state.slots_in_use,
+            "requests": sorted(state.requests),
+            "prefilling": state.acc_slots.in_use,
+            "slot_capacity": state.slots.capacity,
+        }
+
+
+@functools.lru_cache(maxsize=None)
+def _subclass(base: type, mixin: type, extensions: tuple[type, ...] = ()) -> type:
+    return type(f"Griffin{base.__name__}", (mixin, base, *extensions), {})
+
+
+@functools.lru_cache(maxsize=None)
+def griffin_model_class(base: type, spec) -> type:
+    """``base`` (e.g. vLLM's LlamaForCausalLM) whose MLPs become GriffinMLPs at construction."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
+        cfg = GriffinConfig.from_additional_config(vllm_config.additional_config)
+        self.griffin_state = None if cfg is None else _install_on_model(self, spec, cfg, vllm_config)
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__,
+                                         "__qualname__": f"griffin_model_class.<{base.__name__}>"})
+
+
+class GriffinRunnerMixin:
+    """Hooks on vLLM's V1 model runner (one instance, not the class)."""
+
+    griffin = None  # GriffinState once the model is loaded
+
+    def load_model(self, *args, **kwargs):
+        result = super().load_model(*args, **kwargs)
+        self.griffin = getattr(self.get_model(), "griffin_state", None)
+        if self.griffin is None:
+            raise compat_error("GRIFFIN's model class in the model registry")
+        return result
+
+    def _model_forward(self, *args, **kwargs):
+        if self.griffin is None:
+            return super()._model_forward(*args, **kwargs)
+        from vllm_griffin.layers import active_plan
+
+        plan = self.griffin.plan_step(_step_rows(self))
+        with active_plan(plan):
+            output = super()._model_forward(*args, **kwargs)
+        self.griffin.finish_step(plan)
+        return output
+
+    def _on_request_state_removed(self, req_id, req_state):
+        super()._on_request_state_removed(req_id, req_state)
+        if self.griffin is not None:
+            self.griffin.release(req_id)
+
+
+def _install_on_model(model, spec, cfg, vllm_config):
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    from vllm_griffin.export import export_dir_from_env
+    from vllm_griffin.layers import install
+    from vllm_griffin.state import GriffinState
+
+    def make_state(num_layers, width, device):
+        return GriffinState(
+            cfg, num_layers, width, device,
+            max_seqs=vllm_config.scheduler_config.max_num_seqs,
+            export_dir=export_dir_from_env(),
+            export_enabled=get_tensor_model_parallel_rank() == 0,
+        )
+
+    state = install(model, spec, make_state)
+    logger.info("GRIFFIN: %d layers, %d neurons each, expert table %.1f MiB",
+                state.num_layers, state.width, state.experts.numel() * 4 / 2**20)
+    return state
+
+
+def _step_rows(runner):
+    from vllm_griffin.state import StepRow
+
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    starts = runner.query_start_loc.np[: num_reqs + 1]
+    rows = []
+    for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+        req = runner.requests[req_id]
+        params = req.sampling_params
+        rows.append(StepRow(
+            req_id=req_id,
+            prompt_len=int(batch.num_prompt_tokens[i]),
+            num_computed=int(batch.num_computed_tokens_cpu[i]),
+            num_scheduled=int(starts[i + 1] - starts[i]),
+            extra_args=getattr(params, "extra_args", None),
+            seed=getattr(params, "seed", None),
+        ))
+    return rows

@@ -1,0 +1,191 @@
+"""GriffinMLP: one feed-forward module for every supported architecture.
+
+It adopts the original MLP's linear layers under their original names (so
+weights, LoRA names and ``reload_weights`` see the same parameters) and runs,
+per step, three groups of tokens:
+
+* prompt tokens -- the full MLP, exactly as vLLM would; their activations
+  feed the statistic (only those not yet counted);
+* generated tokens -- only their request's experts (batched gather-GEMM);
+* everything when no request needs GRIFFIN this step -- the original forward,
+  bit for bit.
+
+The forward body is a registered custom op, so ``torch.compile`` traces one
+opaque call per layer and the per-step Python logic runs eagerly inside it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import reduce
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from vllm_griffin import algorithm
+from vllm_griffin.architectures import ArchSpec
+from vllm_griffin.ops import experts_mlp
+from vllm_griffin.state import GriffinState, StepPlan
+
+_LAYERS: dict[str, "GriffinMLP"] = {}
+_ACTIVE_PLAN: StepPlan | None = None
+_OP_REGISTERED = False
+
+
+@contextmanager
+def active_plan(plan: StepPlan | None) -> Iterator[None]:
+    """Make ``plan`` the one every GriffinMLP reads during a forward pass."""
+    global _ACTIVE_PLAN
+    previous, _ACTIVE_PLAN = _ACTIVE_PLAN, plan
+    try:
+        yield
+    finally:
+        _ACTIVE_PLAN = previous
+
+
+class GriffinMLP(nn.Module):
+    def __init__(self, mlp: nn.Module, spec: ArchSpec, layer_index: int, layer_name: str, state: GriffinState):
+        super().__init__()
+        self.spec = spec
+        self.layer_index = layer_index
+        self.layer_name = layer_name
+        self.state = state
+        for attr in (spec.gate_up, spec.down, spec.act):
+            setattr(self, attr, getattr(mlp, attr))
+        # The untouched forward: used whenever no token needs GRIFFIN.
+        self.dense_forward = mlp.forward
+        # Gather-friendly weights, filled when vLLM post-processes the loaded
+        # weights (on CPU it then repacks them for oneDNN and drops the plain ones).
+        self.w_gate_up: torch.Tensor | None = None   # [2D, H], gate rows then up rows
+        self.w_down_t: torch.Tensor | None = None    # [D, H]
+        _on_weights_processed(self.gate_up, self._keep_gate_up)
+        _on_weights_processed(self.down, self._keep_down)
+        _LAYERS[layer_name] = self
+
+    @property
+    def gate_up(self) -> nn.Module:
+        return getattr(self, self.spec.gate_up)
+
+    @property
+    def down(self) -> nn.Module:
+        return getattr(self, self.spec.down)
+
+    @property
+    def act(self) -> nn.Module:
+        return getattr(self, self.spec.act)
+
+    def _keep_gate_up(self, weight: torch.Tensor) -> None:
+        self.w_gate_up = weight
+        width = weight.shape[0] // 2
+        self.state.static_scores[self.layer_index] = algorithm.magnitude_scores(weight[:width], weight[width:])
+
+    def _keep_down(self, weight: torch.Tensor) -> None:
+        self.w_down_t = weight.t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.vllm.griffin_mlp(x, self.layer_name)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        plan = _ACTIVE_PLAN
+        if plan is None or plan.all_dense:
+            return self.dense_forward(x)
+        state, layer = self.state, self.layer_index
+        out = torch.empty_like(x)
+        dense_idx = _with_padding(plan, x.shape[0])
+        if dense_idx.numel():
+            gate_up, _ = self.gate_up(x.index_select(0, dense_idx))
+            z = self.act(gate_up)
+            if plan.capture_pos is not None:
+                state.capture(layer, z.index_select(0, plan.capture_pos), plan)
+            dense_out, _ = self.down(z)
+            out.index_copy_(0, dense_idx, dense_out)
+        if plan.finishing:
+            state.select(layer, plan)
+        if plan.sparse_idx is not None:
+            experts, counts = state.sparse_experts(layer, plan)
+            sparse_out = experts_mlp(
+                x.index_select(0, plan.sparse_idx), self.w_gate_up, self.w_down_t, experts, counts, self.act)
+            if getattr(self.down, "tp_size", 1) > 1 and getattr(self.down, "reduce_results", True):
+                from vllm.distributed import tensor_model_parallel_all_reduce
+
+                sparse_out = tensor_model_parallel_all_reduce(sparse_out)
+            out.index_copy_(0, plan.sparse_idx, sparse_out)
+        return out
+
+
+def _on_weights_processed(linear: nn.Module, keep) -> None:
+    """Call ``keep(weight)`` with the loaded weight just before vLLM post-processes it."""
+    method = linear.quant_method
+    original = method.process_weights_after_loading
+
+    def process_weights_after_loading(layer: nn.Module) -> None:
+        if layer is linear:
+            keep(layer.weight.detach())
+        original(layer)
+
+    method.process_weights_after_loading = process_weights_after_loading
+
+
+def _with_padding(plan: StepPlan, total: int) -> torch.Tensor:
+    # Padded tokens (beyond the scheduled ones) go through the dense path.
+    if total == plan.num_tokens:
+        return plan.dense_idx
+    pad = torch.arange(plan.num_tokens, total, device=plan.dense_idx.device)
+    return torch.cat([plan.dense_idx, pad])
+
+
+def _griffin_mlp(x: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return _LAYERS[layer_name].run(x)
+
+
+def _griffin_mlp_fake(x: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def register_op() -> None:
+    global _OP_REGISTERED
+    if _OP_REGISTERED or hasattr(torch.ops.vllm, "griffin_mlp"):
+        _OP_REGISTERED = True
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op("griffin_mlp", _griffin_mlp, mutates_args=[], fake_impl=_griffin_mlp_fake)
+    _OP_REGISTERED = True
+
+
+def decoder_layers(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
+    return list(reduce(getattr, spec.layers.split("."), model))
+
+
+def install(model: nn.Module, spec: ArchSpec, make_state) -> GriffinState:
+    """Swap every decoder layer's MLP for a GriffinMLP, before weights load.
+
+    ``make_state(num_layers, width, device)`` builds the shared state once the
+    shapes are known. Layers this pipeline rank does not hold are skipped.
+    """
+    register_op()
+    layers = decoder_layers(model, spec)
+    owned = [(i, layer) for i, layer in enumerate(layers) if hasattr(layer, spec.mlp)]
+    if not owned:
+        raise RuntimeError(f"GRIFFIN found no '{spec.mlp}' modules under '{spec.layers}'")
+    first = getattr(owned[0][1], spec.mlp)
+    _check_unquantized(first, spec)
+    down_w = getattr(first, spec.down).weight
+    state = make_state(len(layers), down_w.shape[1], down_w.device)
+    for i, layer in owned:
+        name = f"{spec.layers}.{i}.{spec.mlp}"
+        setattr(layer, spec.mlp, GriffinMLP(getattr(layer, spec.mlp), spec, i, name, state))
+    return state
+
+
+def _check_unquantized(mlp: nn.Module, spec: ArchSpec) -> None:
+    for attr in (spec.gate_up, spec.down):
+        linear = getattr(mlp, attr)
+        method = getattr(linear, "quant_method", None)
+        if method is not None and type(method).__name__ != "UnquantizedLinearMethod":
+            raise ValueError(
+                f"GRIFFIN needs unquantized MLP weights; {attr} uses {type(method).__name__}. "
+                "Serve an unquantized (bf16/fp16/fp32) checkpoint, or drop the griffin additional_config.")
+        if not isinstance(getattr(linear, "weight", None), torch.Tensor):
+            raise ValueError(f"GRIFFIN cannot read {attr}.weight (LoRA or a custom linear?)")

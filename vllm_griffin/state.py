@@ -1,0 +1,308 @@
+"""Per-request GRIFFIN state, kept beside vLLM's persistent batch.
+
+Lifecycle of one request (all of it lives in :class:`GriffinState`):
+
+1. *admit*   -- first time a step schedules it: a slot in the expert table,
+   its density/method resolved from the engine config and its extra_args.
+2. *capture* -- every prompt token's contribution is added, exactly once, into
+   an fp32 accumulator (chunked prefill adds chunk after chunk; a recompute
+   after preemption re-runs tokens already counted and they are skipped).
+3. *select*  -- in the step whose chunk completes the prompt, each layer picks
+   its top-k right after capturing, into ``experts[layer, slot, :k]``.
+4. *decode*  -- every later token of the request runs only those experts
+   (also output tokens recomputed after a preemption).
+5. *release* -- when vLLM drops the request (finished or aborted); a
+   preempted request keeps its slot and experts.
+
+vLLM moves requests between batch rows from step to step, so nothing here is
+keyed by row: each step, :meth:`GriffinState.plan_step` turns the rows of that
+step into token-index tensors (:class:`StepPlan`) that the layers read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from vllm_griffin import algorithm
+from vllm_griffin.config import GriffinConfig, parse_request_options
+
+logger = logging.getLogger("vllm.griffin.state")
+
+
+@dataclass
+class StepRow:
+    """One batch row of a step, as the model runner sees it."""
+
+    req_id: str
+    prompt_len: int
+    num_computed: int      # tokens with KV before this step
+    num_scheduled: int     # tokens this step runs
+    extra_args: Mapping[str, Any] | None = None
+    seed: int | None = None
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    slot: int
+    prompt_len: int
+    density: float
+    method: str
+    k: tuple[int, ...]           # experts per layer
+    dense: bool                  # density 1.0: runs the full MLP throughout
+    seed: int
+    captured: int = 0            # prompt tokens already in the accumulator
+    selected: bool = False
+    acc_slot: int | None = None
+
+
+@dataclass
+class StepPlan:
+    """Token indices of one step, grouped by what each layer must do with them."""
+
+    num_tokens: int
+    dense_idx: torch.Tensor | None = None      # tokens through the full MLP (None: all)
+    capture_pos: torch.Tensor | None = None    # positions within dense_idx to capture
+    capture_acc: torch.Tensor | None = None    # accumulator slot per captured token
+    sparse_idx: torch.Tensor | None = None     # tokens through their experts
+    sparse_slot: torch.Tensor | None = None    # expert-table slot per sparse token
+    sparse_kmax: list[int] = field(default_factory=list)  # per layer
+    sparse_counts: list[torch.Tensor] = field(default_factory=list)  # per layer, [T_sparse]
+    finishing: list[RequestState] = field(default_factory=list)
+    captures: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, new captured)
+
+    @property
+    def all_dense(self) -> bool:
+        return self.sparse_idx is None and self.capture_pos is None and not self.finishing
+
+
+class SlotPool:
+    """Free list of integer slots that doubles its capacity when it runs out."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def acquire(self) -> tuple[int, bool]:
+        grew = False
+        if not self._free:
+            old, self.capacity = self.capacity, self.capacity * 2
+            self._free = list(range(self.capacity - 1, old - 1, -1))
+            grew = True
+        return self._free.pop(), grew
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+
+class GriffinState:
+    def __init__(
+        self,
+        config: GriffinConfig,
+        num_layers: int,
+        width: int,
+        device: torch.device,
+        max_seqs: int,
+        export_dir: str | os.PathLike | None = None,
+        export_enabled: bool = True,
+    ):
+        config.check_num_layers(num_layers)
+        self.config = config
+        self.num_layers = num_layers
+        self.width = width
+        self.device = device
+        self.layer_densities = config.layer_densities(num_layers)
+        # [L, D] scores of the static magnitude baseline, filled as weights load.
+        self.static_scores = torch.zeros(num_layers, width, dtype=torch.float32, device=device)
+        self.export_dir = export_dir
+        self.export_enabled = export_enabled
+        self.requests: dict[str, RequestState] = {}
+        self.slots = SlotPool(max(1, max_seqs))
+        self.acc_slots = SlotPool(8)
+        # [layer, slot, neuron]: each slot's experts for a layer, first k valid.
+        self.experts = torch.zeros(num_layers, self.slots.capacity, width, dtype=torch.int32, device=device)
+        # [layer, acc slot, neuron]: summed prompt contributions (only while prefilling).
+        self.acc = torch.zeros(num_layers, self.acc_slots.capacity, width, dtype=torch.float32, device=device)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def admit(self, row: StepRow) -> RequestState:
+        opts = parse_request_options(row.extra_args)
+        method = opts.method or self.config.method
+        if opts.density is not None:
+            densities = (opts.density,) * self.num_layers
+        else:
+            densities = self.layer_densities
+        density = opts.density if opts.density is not None else sum(densities) / len(densities)
+        slot, grew = self.slots.acquire()
+        if grew:
+            self.experts = _grow(self.experts, self.slots.capacity)
+        state = RequestState(
+            req_id=row.req_id,
+            slot=slot,
+            prompt_len=row.prompt_len,
+            density=density,
+            method=method,
+            k=tuple(algorithm.num_experts(d, self.width) for d in densities),
+            dense=all(d >= 1.0 for d in densities),
+            seed=self.config.seed if row.seed is None else row.seed,
+        )
+        self.requests[row.req_id] = state
+        return state
+
+    def release(self, req_id: str) -> None:
+        state = self.requests.pop(req_id, None)
+        if state is None:
+            return
+        self._free_acc(state)
+        self.slots.release(state.slot)
+
+    @property
+    def slots_in_use(self) -> int:
+        return len(self.requests)
+
+    # -- one step ---------------------------------------------------------------------
+
+    def plan_step(self, rows: Sequence[StepRow]) -> StepPlan:
+        dense_idx: list[int] = []
+        capture_pos: list[int] = []
+        capture_acc: list[int] = []
+        sparse_idx: list[int] = []
+        sparse_req: list[RequestState] = []
+        plan = StepPlan(num_tokens=sum(r.num_scheduled for r in rows))
+        offset = 0
+        for row in rows:
+            state = self.requests.get(row.req_id) or self.admit(row)
+            start, end = row.num_computed, row.num_computed + row.num_scheduled
+            prompt_end = min(end, state.prompt_len)
+            if state.dense or start >= state.prompt_len and not state.selected:
+                # Dense requests; or (never expected) output tokens without experts:
+                # the full MLP is the safe answer.
+                if not state.dense:
+                    logger.warning("GRIFFIN: request %s decodes before its experts exist; running dense", row.req_id)
+                dense_idx.extend(range(offset, offset + row.num_scheduled))
+                offset += row.num_scheduled
+                continue
+            if start < prompt_end:  # prompt tokens: full MLP, captured once
+                first_dense = len(dense_idx)
+                dense_idx.extend(range(offset, offset + prompt_end - start))
+                if not state.selected and state.method in algorithm.PROMPT_METHODS:
+                    if start > state.captured:
+                        raise RuntimeError(
+                            f"GRIFFIN: request {row.req_id} skipped prompt tokens {state.captured}..{start - 1} "
+                            "(prefix cache hit?); its statistic would be incomplete")
+                    new_from = max(start, state.captured)
+                    if new_from < prompt_end:
+                        acc = self._acc_slot(state)
+                        capture_pos.extend(range(first_dense + new_from - start, first_dense + prompt_end - start))
+                        capture_acc.extend([acc] * (prompt_end - new_from))
+                        plan.captures.append((state, prompt_end))
+                if prompt_end == state.prompt_len and not state.selected:
+                    plan.finishing.append(state)
+            if end > state.prompt_len:  # generated tokens: the request's experts
+                first = offset + max(start, state.prompt_len) - start
+                sparse_idx.extend(range(first, offset + row.num_scheduled))
+                sparse_req.extend([state] * (offset + row.num_scheduled - first))
+            offset += row.num_scheduled
+
+        to = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        if sparse_idx or capture_pos or plan.finishing:
+            plan.dense_idx = to(dense_idx)
+        if capture_pos:
+            plan.capture_pos, plan.capture_acc = to(capture_pos), to(capture_acc)
+        if sparse_idx:
+            plan.sparse_idx = to(sparse_idx)
+            plan.sparse_slot = to([s.slot for s in sparse_req])
+            distinct = {s.req_id: s for s in sparse_req}.values()
+            plan.sparse_kmax = [max(s.k[layer] for s in distinct) for layer in range(self.num_layers)]
+            plan.sparse_counts = [to([s.k[layer] for s in sparse_req]) for layer in range(self.num_layers)]
+        return plan
+
+    def capture(self, layer: int, z: torch.Tensor, plan: StepPlan) -> None:
+        """Add the captured tokens' contributions (``z`` = their activations) into the accumulator."""
+        contrib = algorithm.prompt_contributions(z)
+        self.acc[layer].index_add_(0, plan.capture_acc, contrib)
+
+    def select(self, layer: int, plan: StepPlan) -> None:
+        """Pick this layer's experts for every request whose prompt completed this step."""
+        topk_groups: dict[int, list[RequestState]] = {}
+        for state in plan.finishing:
+            k = state.k[layer]
+            if state.method == "topk":
+                topk_groups.setdefault(k, []).append(state)
+                continue
+            stat = self.acc[layer, state.acc_slot] if state.acc_slot is not None else None
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(_mix_seed(state.seed, layer))
+            idx = algorithm.select_experts(
+                stat, k, state.method, width=self.width, generator=gen,
+                static_scores=self.static_scores[layer])
+            self.experts[layer, state.slot, :k] = idx.to(torch.int32)
+        for k, group in topk_groups.items():
+            acc = torch.tensor([s.acc_slot for s in group], device=self.device)
+            slots = torch.tensor([s.slot for s in group], device=self.device)
+            idx = algorithm.topk_experts_batched(self.acc[layer, acc], k)
+            self.experts[layer, slots, :k] = idx.to(torch.int32)
+
+    def sparse_experts(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts [T, kmax] int64, counts [T]) of the step's sparse tokens for ``layer``."""
+        kmax = plan.sparse_kmax[layer]
+        experts = self.experts[layer, plan.sparse_slot, :kmax].long()
+        return experts, plan.sparse_counts[layer]
+
+    def finish_step(self, plan: StepPlan) -> None:
+        """Commit what the step's forward pass did (it succeeded)."""
+        for state, captured in plan.captures:
+            state.captured = max(state.captured, captured)
+        for state in plan.finishing:
+            state.selected = True
+            self._free_acc(state)
+            if self.export_dir and self.export_enabled:
+                self.export(state)
+
+    def experts_of(self, req_id: str) -> list[torch.Tensor]:
+        """The selected experts of a live request, one sorted int32 tensor per layer."""
+        state = self.requests[req_id]
+        if not state.selected:
+            raise ValueError(f"request {req_id} has no experts yet")
+        return [self.experts[layer, state.slot, : state.k[layer]].cpu().clone() for layer in range(self.num_layers)]
+
+    def export(self, state: RequestState) -> None:
+        from vllm_griffin.export import write_experts
+
+        write_experts(self.export_dir, state, self.experts_of(state.req_id))
+
+    # -- internals --------------------------------------------------------------------
+
+    def _acc_slot(self, state: RequestState) -> int:
+        if state.acc_slot is None:
+            state.acc_slot, grew = self.acc_slots.acquire()
+            if grew:
+                self.acc = _grow(self.acc, self.acc_slots.capacity)
+            self.acc[:, state.acc_slot].zero_()
+        return state.acc_slot
+
+    def _free_acc(self, state: RequestState) -> None:
+        if state.acc_slot is not None:
+            self.acc_slots.release(state.acc_slot)
+            state.acc_slot = None
+
+
+def _grow(table: torch.Tensor, capacity: int) -> torch.Tensor:
+    grown = table.new_zeros(table.shape[0], capacity, *table.shape[2:])
+    grown[:, : table.shape[1]] = table
+    return grown
+
+
+def _mix_seed(seed: int, layer: int) -> int:
+    # Distinct, reproducible stream per (request seed, layer); independent of the batch.
+    return (seed * 1_000_003 + layer * 7_919 + 12_345) % (2**63 - 1)
