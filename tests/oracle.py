@@ -25,8 +25,10 @@ class OracleResult:
 
 
 def statistic_from_activations(z: torch.Tensor) -> torch.Tensor:
-    z = z.double()
-    return (z.square() / z.square().sum(-1, keepdim=True)).sum(0).sqrt()
+    sq = z.double().square()
+    norms = sq.sum(-1, keepdim=True)
+    # A token whose activations are all zero (possible with ReLU) adds nothing.
+    return torch.where(norms > 0, sq / norms, torch.zeros_like(sq)).sum(0).sqrt()
 
 
 @torch.no_grad()

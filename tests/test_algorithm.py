@@ -1,0 +1,112 @@
+"""The selection math and the decode references, on plain tensors (no engine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.oracle import statistic_from_activations
+from vllm_griffin import algorithm
+from vllm_griffin.ops import experts_mlp, experts_mlp_gather, experts_mlp_masked
+
+
+def silu_and_mul(x):
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def test_num_experts_is_floor_like_the_authors():
+    assert algorithm.num_experts(0.5, 1536) == 768
+    assert algorithm.num_experts(0.29, 100) == int(100 * 0.29)
+    assert algorithm.num_experts(1.0, 7) == 7
+
+
+def test_contributions_sum_to_statistic():
+    z = torch.randn(37, 64)
+    z[5] = 0  # an all-zero row contributes nothing, not NaN
+    contrib = algorithm.prompt_contributions(z)
+    assert torch.isfinite(contrib).all()
+    assert torch.allclose(contrib.sum(-1)[torch.arange(37) != 5], torch.ones(36))
+    # Chunked accumulation equals the one-shot definition.
+    chunked = sum(algorithm.prompt_contributions(c).double().sum(0) for c in z.split(10))
+    assert torch.allclose(chunked.sqrt(), statistic_from_activations(z), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", algorithm.METHODS)
+@pytest.mark.parametrize("k", [0, 1, 7, 32, 64])
+def test_every_method_returns_k_sorted_distinct_indices(method, k):
+    width = 64
+    stat = torch.rand(width)
+    stat[:10] = 0  # never-active neurons must not break the samplers
+    gen = torch.Generator().manual_seed(1)
+    idx = algorithm.select_experts(stat, k, method, width=width, generator=gen, static_scores=torch.rand(width))
+    assert idx.dtype == torch.long and len(idx) == k
+    assert idx.tolist() == sorted(set(idx.tolist()))
+    assert all(0 <= i < width for i in idx.tolist())
+
+
+def test_topk_picks_the_largest_statistic():
+    stat = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2])
+    assert algorithm.select_experts(stat, 2, "topk", width=5).tolist() == [1, 3]
+    batched = algorithm.topk_experts_batched(torch.stack([stat, stat.flip(0)]), 2)
+    assert batched.tolist() == [[1, 3], [1, 3]]
+
+
+def test_topk_sample_keeps_the_top_half():
+    stat = torch.arange(100, dtype=torch.float32)
+    idx = algorithm.select_experts(stat, 10, "topk_sample", width=100, generator=torch.Generator().manual_seed(0))
+    assert set(range(95, 100)) <= set(idx.tolist())
+
+
+def test_magnitude_scores_and_seeded_methods_are_reproducible():
+    w = torch.randn(8, 4)
+    assert torch.allclose(algorithm.magnitude_scores(w[:4], w[4:]), w[:4].norm(dim=-1) * w[4:].norm(dim=-1))
+    stat = torch.rand(50)
+    for method in ("random", "sample", "topk_sample"):
+        a = algorithm.select_experts(stat, 20, method, width=50, generator=torch.Generator().manual_seed(3))
+        b = algorithm.select_experts(stat, 20, method, width=50, generator=torch.Generator().manual_seed(3))
+        assert a.tolist() == b.tolist()
+
+
+def test_unknown_method_and_bad_k_are_rejected():
+    with pytest.raises(ValueError, match="bogus"):
+        algorithm.select_experts(torch.rand(4), 2, "bogus", width=4)
+    with pytest.raises(ValueError, match="k=5"):
+        algorithm.select_experts(torch.rand(4), 5, "topk", width=4)
+
+
+def naive_experts_mlp(x, w_gate_up, w_down_t, experts, counts):
+    """One row at a time, straight from the definition."""
+    width = w_down_t.shape[0]
+    rows = []
+    for t in range(x.shape[0]):
+        idx = experts[t, : counts[t]]
+        g = w_gate_up[idx] @ x[t]
+        u = w_gate_up[idx + width] @ x[t]
+        rows.append((F.silu(g) * u) @ w_down_t[idx])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("rows, width, counts", [
+    (1, 48, [24]),
+    (3, 48, [5, 0, 47]),     # k = 0 gives a zero MLP; odd k
+    (9, 32, [16] * 9),       # enough rows for the dispatch to pick the masked path
+])
+def test_decode_paths_equal_the_definition(rows, width, counts):
+    torch.manual_seed(0)
+    hidden = 16
+    x = torch.randn(rows, hidden, dtype=torch.float64)
+    w_gate_up = torch.randn(2 * width, hidden, dtype=torch.float64)
+    w_down_t = torch.randn(width, hidden, dtype=torch.float64)
+    kmax = max(counts)
+    experts = torch.stack([torch.randperm(width)[:kmax] for _ in range(rows)])
+    # Stale entries past a row's count repeat its real experts (as a reused slot can).
+    for t, c in enumerate(counts):
+        if 0 < c < kmax:
+            experts[t, c:] = experts[t, 0]
+    counts = torch.tensor(counts)
+    want = naive_experts_mlp(x, w_gate_up, w_down_t, experts, counts)
+    for fn in (experts_mlp_gather, experts_mlp_masked, experts_mlp):
+        got = fn(x, w_gate_up, w_down_t, experts, counts, silu_and_mul)
+        assert torch.allclose(got, want, atol=1e-9), fn.__name__

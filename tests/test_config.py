@@ -1,0 +1,63 @@
+"""Engine config and per-request options: every bad value names itself and what is allowed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vllm_griffin.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
+
+
+def test_absent_griffin_key_means_off():
+    assert GriffinConfig.from_additional_config(None) is None
+    assert GriffinConfig.from_additional_config({}) is None
+    assert GriffinConfig.from_additional_config({"other": 1}) is None
+
+
+def test_defaults_and_values():
+    assert GriffinConfig.from_additional_config({"griffin": {}}) == GriffinConfig(0.5, "topk", None, 0)
+    cfg = GriffinConfig.from_additional_config(
+        {"griffin": {"density": 0.25, "method": "magnitude", "densities": [0.5, 1], "seed": 7}})
+    assert cfg == GriffinConfig(0.25, "magnitude", (0.5, 1.0), 7)
+    assert cfg.layer_densities(2) == (0.5, 1.0)
+    assert GriffinConfig(0.3).layer_densities(3) == (0.3, 0.3, 0.3)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"density": 0}, "density"), ({"density": -0.5}, "density"), ({"density": 1.01}, "density"),
+    ({"density": math.nan}, "density"), ({"density": "half"}, "density"), ({"density": True}, "density"),
+    ({"method": "top"}, "method"), ({"densities": []}, "densities"), ({"densities": [0.5, 0]}, r"densities\[1\]"),
+    ({"densities": "0.5"}, "densities"), ({"seed": 1.5}, "seed"), ({"dense": 0.5}, "dense"),
+])
+def test_bad_engine_values(raw, key):
+    with pytest.raises(GriffinConfigError, match=key) as info:
+        GriffinConfig.from_additional_config({"griffin": raw})
+    assert "allowed:" in str(info.value)
+
+
+def test_bad_engine_block_and_layer_count():
+    with pytest.raises(GriffinConfigError, match="griffin"):
+        GriffinConfig.from_additional_config({"griffin": 0.5})
+    with pytest.raises(GriffinConfigError, match="exactly 3 entries"):
+        GriffinConfig(densities=(0.5, 0.5)).check_num_layers(3)
+
+
+def test_request_options_both_spellings():
+    assert parse_request_options(None) == RequestOptions()
+    assert parse_request_options({"unrelated": 1}) == RequestOptions()
+    assert parse_request_options({"griffin": {"density": 0.25, "method": "random"}}) == RequestOptions(0.25, "random")
+    assert parse_request_options({"griffin_density": "0.75", "griffin_method": "topk"}) == RequestOptions(0.75, "topk")
+    assert parse_request_options({"griffin": {"density": 1}}).density == 1.0
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"griffin": {"density": 0}}, "griffin.density"), ({"griffin_density": -1}, "griffin_density"),
+    ({"griffin_density": 1.5}, "griffin_density"), ({"griffin_density": "nan"}, "griffin_density"),
+    ({"griffin_density": "abc"}, "griffin_density"), ({"griffin_method": "x"}, "griffin_method"),
+    ({"griffin_dens": 0.5}, "griffin_dens"), ({"griffin": {"k": 3}}, "griffin.k"), ({"griffin": [1]}, "griffin"),
+])
+def test_bad_request_values(extra, key):
+    with pytest.raises(GriffinConfigError, match=key) as info:
+        parse_request_options(extra)
+    assert info.value.key == key

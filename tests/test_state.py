@@ -1,0 +1,124 @@
+"""The per-request lifecycle without an engine: which tokens are captured, when
+experts are selected, what decodes sparsely, and that slots are reused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.oracle import statistic_from_activations
+from vllm_griffin.config import GriffinConfig
+from vllm_griffin.state import GriffinState, StepRow
+
+LAYERS, WIDTH = 2, 16
+
+
+def make_state(max_seqs=4, **cfg):
+    return GriffinState(GriffinConfig(**cfg), LAYERS, WIDTH, torch.device("cpu"), max_seqs=max_seqs)
+
+
+def run_layers(state, plan, z_all):
+    """What GriffinMLP does with a plan, for activations z_all [tokens, WIDTH]."""
+    for layer in range(LAYERS):
+        if plan.capture_pos is not None:
+            state.capture(layer, z_all[plan.dense_idx][plan.capture_pos] * (layer + 1), plan)
+        if plan.finishing:
+            state.select(layer, plan)
+    state.finish_step(plan)
+
+
+def test_chunked_prompt_with_one_token_last_chunk_selects_the_definition():
+    state = make_state()
+    z = torch.randn(33, WIDTH)
+    computed = 0
+    for chunk in (16, 16, 1):
+        plan = state.plan_step([StepRow("a", 33, computed, chunk)])
+        assert plan.sparse_idx is None and plan.capture_pos.tolist() == list(range(chunk))
+        assert bool(plan.finishing) == (chunk == 1)
+        run_layers(state, plan, z[computed:computed + chunk])
+        computed += chunk
+    for layer in range(LAYERS):
+        want = torch.topk(statistic_from_activations(z * (layer + 1)), WIDTH // 2).indices.sort().values
+        assert state.experts_of("a")[layer].tolist() == want.tolist()
+    # The next token decodes on the experts.
+    plan = state.plan_step([StepRow("a", 33, 33, 1)])
+    assert plan.dense_idx.tolist() == [] and plan.sparse_idx.tolist() == [0]
+    assert plan.sparse_kmax == [8, 8] and plan.capture_pos is None
+
+
+def test_mixed_batch_groups_tokens_and_mixed_densities():
+    state = make_state()
+    # a: prompt of 3 done earlier (decoding); b: 5-token prompt in one chunk; c: dense request.
+    run_layers(state, state.plan_step([StepRow("a", 3, 0, 3, {"griffin": {"density": 0.25}})]), torch.randn(3, WIDTH))
+    rows = [StepRow("a", 3, 3, 1), StepRow("b", 5, 0, 5), StepRow("c", 4, 0, 4, {"griffin_density": 1.0})]
+    plan = state.plan_step(rows)
+    assert plan.sparse_idx.tolist() == [0]
+    assert plan.dense_idx.tolist() == list(range(1, 10))
+    assert plan.capture_pos.tolist() == list(range(0, 5))  # b's tokens only, within dense_idx
+    assert [s.req_id for s in plan.finishing] == ["b"]
+    assert plan.sparse_kmax == [4, 4]  # a: floor(0.25 * 16)
+    run_layers(state, plan, torch.randn(10, WIDTH))
+    plan = state.plan_step([StepRow("a", 3, 4, 1), StepRow("b", 5, 5, 1), StepRow("c", 4, 4, 1)])
+    assert plan.sparse_idx.tolist() == [0, 1] and plan.dense_idx.tolist() == [2]
+    assert plan.sparse_kmax == [8, 8] and [c.tolist() for c in plan.sparse_counts] == [[4, 8], [4, 8]]
+
+
+def test_recompute_after_preemption_keeps_experts_and_never_captures_output_tokens():
+    state = make_state()
+    run_layers(state, state.plan_step([StepRow("a", 6, 0, 6)]), torch.randn(6, WIDTH))
+    experts = [e.clone() for e in state.experts_of("a")]
+    # Preempted after 3 generated tokens; resumed by recomputing prompt + outputs.
+    plan = state.plan_step([StepRow("a", 6, 0, 9)])
+    assert plan.capture_pos is None and not plan.finishing
+    assert plan.dense_idx.tolist() == list(range(6)) and plan.sparse_idx.tolist() == [6, 7, 8]
+    run_layers(state, plan, torch.randn(9, WIDTH))
+    assert [e.tolist() for e in state.experts_of("a")] == [e.tolist() for e in experts]
+
+
+def test_preempted_mid_prompt_counts_each_prompt_token_once():
+    state = make_state()
+    z = torch.randn(20, WIDTH)
+    run_layers(state, state.plan_step([StepRow("a", 20, 0, 12)]), z[:12])
+    # Recompute from 0 after preemption: only tokens 12.. are new to the statistic.
+    plan = state.plan_step([StepRow("a", 20, 0, 20)])
+    assert plan.capture_pos.tolist() == list(range(12, 20))
+    run_layers(state, plan, z)
+    want = torch.topk(statistic_from_activations(z), 8).indices.sort().values
+    assert state.experts_of("a")[0].tolist() == want.tolist()
+
+
+def test_magnitude_and_dense_requests_capture_nothing():
+    state = make_state(method="magnitude")
+    state.static_scores[:] = torch.arange(WIDTH, dtype=torch.float32)
+    plan = state.plan_step([StepRow("m", 4, 0, 4), StepRow("d", 4, 0, 4, {"griffin": {"density": 1.0}})])
+    assert plan.capture_pos is None and [s.req_id for s in plan.finishing] == ["m"]
+    run_layers(state, plan, torch.randn(8, WIDTH))
+    assert state.experts_of("m")[0].tolist() == list(range(8, 16))
+    # Only dense work left: the plan says so, and layers take the untouched path.
+    assert state.plan_step([StepRow("d", 4, 4, 1)]).all_dense
+
+
+def test_slots_are_released_reused_and_grow_without_losing_experts():
+    state = make_state(max_seqs=2)
+    for name in "abc":  # the third admission grows the table
+        run_layers(state, state.plan_step([StepRow(name, 4, 0, 4)]), torch.randn(4, WIDTH))
+    assert state.slots.capacity == 4 and state.slots_in_use == 3
+    before = state.experts_of("a")
+    assert [e.tolist() for e in state.experts_of("a")] == [e.tolist() for e in before]
+    state.release("b")
+    state.release("b")  # twice is harmless (abort racing finish)
+    assert state.slots_in_use == 2 and state.acc_slots.in_use == 0
+    run_layers(state, state.plan_step([StepRow("d", 4, 0, 4)]), torch.randn(4, WIDTH))
+    assert state.requests["d"].slot not in {state.requests["a"].slot, state.requests["c"].slot}
+
+
+def test_skipped_prompt_tokens_fail_loudly():
+    state = make_state()
+    with pytest.raises(RuntimeError, match="skipped prompt tokens"):
+        state.plan_step([StepRow("a", 40, 16, 8)])  # as a prefix-cache hit would look
+
+
+def test_bad_options_that_slip_past_the_front_end_fall_back_to_defaults():
+    state = make_state(density=0.25)
+    plan = state.plan_step([StepRow("a", 4, 0, 4, {"griffin": {"density": 7}})])
+    assert state.requests["a"].k == (4, 4) and [s.req_id for s in plan.finishing] == ["a"]

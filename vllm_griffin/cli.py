@@ -1,0 +1,25 @@
+"""``vllm-griffin`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-griffin", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-model", help="build an embedded model's HF folder and print its path")
+    from vllm_griffin.models import MODELS
+
+    prep.add_argument("name", choices=sorted(MODELS))
+    args = parser.parse_args(argv)
+    if args.command == "prepare-model":
+        from vllm_griffin.models import cli_prepare_model
+
+        return cli_prepare_model(args.name)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())
