@@ -190,6 +190,8 @@ class _GriffinWorkerMixin:
             "requests": sorted(state.requests),
             "prefilling": state.acc_slots.in_use,
             "slot_capacity": state.slots.capacity,
+            "decode_paths": dict(state.path_counts),
+            "mean_union_fraction": state.union_fraction_sum / max(1, state.union_samples),
         }
 
 

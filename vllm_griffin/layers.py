@@ -25,7 +25,7 @@ from torch import nn
 
 from vllm_griffin import algorithm
 from vllm_griffin.architectures import ArchSpec
-from vllm_griffin.ops import experts_mlp
+from vllm_griffin import ops
 from vllm_griffin.state import GriffinState, StepPlan
 
 _LAYERS: dict[str, "GriffinMLP"] = {}
@@ -55,6 +55,7 @@ class GriffinMLP(nn.Module):
             setattr(self, attr, getattr(mlp, attr))
         # The untouched forward: used whenever no token needs GRIFFIN.
         self.dense_forward = mlp.forward
+        self.activation = activation_name(self.act)
         # Gather-friendly weights, filled when vLLM post-processes the loaded
         # weights (on CPU it then repacks them for oneDNN and drops the plain ones).
         self.w_gate_up: torch.Tensor | None = None   # [2D, H], gate rows then up rows
@@ -103,15 +104,56 @@ class GriffinMLP(nn.Module):
         if plan.finishing:
             state.select(layer, plan)
         if plan.sparse_idx is not None:
-            experts, counts = state.sparse_experts(layer, plan)
-            sparse_out = experts_mlp(
-                x.index_select(0, plan.sparse_idx), self.w_gate_up, self.w_down_t, experts, counts, self.act)
-            if getattr(self.down, "tp_size", 1) > 1 and getattr(self.down, "reduce_results", True):
-                from vllm.distributed import tensor_model_parallel_all_reduce
-
-                sparse_out = tensor_model_parallel_all_reduce(sparse_out)
-            out.index_copy_(0, plan.sparse_idx, sparse_out)
+            out.index_copy_(0, plan.sparse_idx, self._run_experts(x.index_select(0, plan.sparse_idx), plan))
         return out
+
+
+    def _run_experts(self, xs: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """Each decode row through its own experts, by the path the cost model picks."""
+        experts, counts = self.state.sparse_experts(self.layer_index, plan)
+        width = self.state.width
+        products = plan.sparse_ksum[self.layer_index]
+        kernel_ok = ops.kernel_supports(self.w_gate_up, self.w_down_t, self.activation)
+        union = ops.union_size(experts, counts, width) if xs.device.type == "cpu" else products
+        path = ops.choose_path(xs.device, kernel_ok, xs.shape[0], width, union, products)
+        self.state.record_path(path, union, xs.shape[0])
+        if path == "masked":
+            # vLLM's own GEMMs (and its tensor-parallel reduction), experts kept per row.
+            gate_up, _ = self.gate_up(xs)
+            z = self.act(gate_up)
+            keep = torch.where(_valid(experts, counts), experts, width)
+            mask = z.new_zeros(z.shape[0], width + 1).scatter_(1, keep, 1.0)[:, :width]
+            out, _ = self.down(z * mask)
+            return out
+        if path in ("rows", "union"):
+            from vllm_griffin.ops.cpu_kernel import experts_mlp_cpu
+
+            out = experts_mlp_cpu(xs, self.w_gate_up, self.w_down_t, experts, counts, self.activation, path)
+        elif path == "triton":
+            from vllm_griffin.ops.triton_experts import experts_mlp_triton
+
+            out = experts_mlp_triton(xs, self.w_gate_up, self.w_down_t, experts, counts, self.activation)
+        else:
+            out = ops.experts_mlp_gather(xs, self.w_gate_up, self.w_down_t, experts, counts, self.act)
+        if getattr(self.down, "tp_size", 1) > 1 and getattr(self.down, "reduce_results", True):
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            out = tensor_model_parallel_all_reduce(out)
+        return out
+
+
+def _valid(experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return torch.arange(experts.shape[1], device=experts.device)[None, :] < counts[:, None]
+
+
+def activation_name(act: nn.Module) -> str | None:
+    """The kernels' name for a vLLM act-and-mul module, or None (then the torch path runs)."""
+    kind = type(act).__name__
+    if kind == "SiluAndMul":
+        return "silu"
+    if kind == "GeluAndMul":
+        return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
+    return None
 
 
 def _on_weights_processed(linear: nn.Module, keep) -> None:

@@ -73,6 +73,7 @@ class StepPlan:
     sparse_slot: torch.Tensor | None = None    # expert-table slot per sparse token
     sparse_kmax: list[int] = field(default_factory=list)  # per layer
     sparse_counts: list[torch.Tensor] = field(default_factory=list)  # per layer, [T_sparse]
+    sparse_ksum: list[int] = field(default_factory=list)  # per layer: sum of the sparse tokens' k
     finishing: list[RequestState] = field(default_factory=list)
     captures: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, new captured)
 
@@ -126,6 +127,11 @@ class GriffinState:
         self.export_dir = export_dir
         self.export_enabled = export_enabled
         self.requests: dict[str, RequestState] = {}
+        # Decode-path counters (layer-steps per path) and union statistics, for
+        # benchmarks and metrics.
+        self.path_counts: dict[str, int] = {}
+        self.union_fraction_sum = 0.0
+        self.union_samples = 0
         self.slots = SlotPool(max(1, max_seqs))
         self.acc_slots = SlotPool(8)
         # [layer, slot, neuron]: each slot's experts for a layer, first k valid.
@@ -232,6 +238,7 @@ class GriffinState:
             distinct = {s.req_id: s for s in sparse_req}.values()
             plan.sparse_kmax = [max(s.k[layer] for s in distinct) for layer in range(self.num_layers)]
             plan.sparse_counts = [to([s.k[layer] for s in sparse_req]) for layer in range(self.num_layers)]
+            plan.sparse_ksum = [sum(s.k[layer] for s in sparse_req) for layer in range(self.num_layers)]
         return plan
 
     def capture(self, layer: int, z: torch.Tensor, plan: StepPlan) -> None:
@@ -265,6 +272,12 @@ class GriffinState:
         kmax = plan.sparse_kmax[layer]
         experts = self.experts[layer, plan.sparse_slot, :kmax].long()
         return experts, plan.sparse_counts[layer]
+
+    def record_path(self, path: str, union: int, rows: int) -> None:
+        self.path_counts[path] = self.path_counts.get(path, 0) + 1
+        if rows > 1:
+            self.union_fraction_sum += union / self.width
+            self.union_samples += 1
 
     def finish_step(self, plan: StepPlan) -> None:
         """Commit what the step's forward pass did (it succeeded)."""

@@ -1,7 +1,8 @@
 """Decode-time kernels for the experts' MLP: plain-torch references (the tests'
-oracle) and the dispatch that picks an implementation for a step."""
+oracle), a C kernel for the CPU, Triton kernels for GPUs, and the dispatch that
+picks one per layer and step."""
 
+from vllm_griffin.ops.dispatch import choose_path, kernel_supports, union_size
 from vllm_griffin.ops.reference import experts_mlp_gather, experts_mlp_masked
-from vllm_griffin.ops.dispatch import experts_mlp
 
-__all__ = ["experts_mlp", "experts_mlp_gather", "experts_mlp_masked"]
+__all__ = ["choose_path", "kernel_supports", "union_size", "experts_mlp_gather", "experts_mlp_masked"]
