@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vllm_griffin.ops.reference import experts_mlp_gather
+from vllm_griffin.ops.reference import ExpertWeights, experts_mlp_gather
 from vllm_griffin.ops.triton_experts import experts_mlp_triton
 
 
@@ -66,6 +66,7 @@ def main():
     w_gu = [torch.randn(2 * D, H, device=dev, dtype=dt, generator=gen) / H ** 0.5 for _ in range(L)]
     w_dt = [torch.randn(D, H, device=dev, dtype=dt, generator=gen) / D ** 0.5 for _ in range(L)]
     w_d = [w.t().contiguous() for w in w_dt]  # dense layout [H, D] as vLLM keeps it
+    ew = [ExpertWeights.separate(a, b) for a, b in zip(w_gu, w_dt)]
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "H": H, "D": D, "checks": [],
                "timings": []}
 
@@ -75,8 +76,8 @@ def main():
         counts = torch.tensor([int(D * d) for d in (0.5, 0.25, 0.75, 0.1, 0.5, 0.9, 0.3, 0.6)[:rows]], device=dev)
         kmax = int(counts.max())
         experts = torch.stack([torch.randperm(D, device=dev, generator=gen)[:kmax].sort().values for _ in range(rows)])
-        want = experts_mlp_gather(x.float(), w_gu[0].float(), w_dt[0].float(), experts, counts, silu_and_mul)
-        got = experts_mlp_triton(x, w_gu[0], w_dt[0], experts, counts, "silu").float()
+        want = experts_mlp_gather(x.float(), ExpertWeights.separate(w_gu[0].float(), w_dt[0].float()), experts, counts, silu_and_mul)
+        got = experts_mlp_triton(x, ew[0], experts, counts, "silu").float()
         rel = ((got - want).abs().max() / want.abs().max()).item()
         results["checks"].append({"rows": rows, "max_rel_err": rel})
         print(f"check rows={rows} rel err {rel:.2e}", flush=True)
@@ -95,7 +96,7 @@ def main():
             best = None
             for bk, bh, warps in configs:
                 t = bench_graph(lambda i: experts_mlp_triton(
-                    x, w_gu[i], w_dt[i], experts, counts, "silu", block_k=bk, block_h=bh, num_warps=warps), L)
+                    x, ew[i], experts, counts, "silu", block_k=bk, block_h=bh, num_warps=warps), L)
                 if best is None or t < best[0]:
                     best = (t, bk, bh, warps)
             entry = {"rows": rows, "density": density, "graph_dense_us": t_dense, "graph_griffin_us": best[0],
@@ -111,16 +112,16 @@ def main():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        experts_mlp_triton(x, w_gu[0], w_dt[0], experts, counts, "silu")
+        experts_mlp_triton(x, ew[0], experts, counts, "silu")
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = experts_mlp_triton(x, w_gu[0], w_dt[0], experts, counts, "silu")
+        y = experts_mlp_triton(x, ew[0], experts, counts, "silu")
     new = torch.stack([torch.randperm(D, device=dev, generator=gen)[: D // 2].sort().values for _ in range(2)])
     experts.copy_(new)
     counts.copy_(torch.tensor([D // 3, D // 2], device=dev))
     graph.replay()
-    want = experts_mlp_triton(x, w_gu[0], w_dt[0], experts, counts, "silu")
+    want = experts_mlp_triton(x, ew[0], experts, counts, "silu")
     results["cuda_graph_replay_matches"] = bool(torch.allclose(y, want))
     print("cuda graph replay matches eager:", results["cuda_graph_replay_matches"], flush=True)
     with open(args.out, "w") as f:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.oracle import statistic_from_activations
 from vllm_griffin import algorithm
-from vllm_griffin.ops import experts_mlp_gather, experts_mlp_masked
+from vllm_griffin.ops import ExpertWeights, experts_mlp_gather, experts_mlp_masked
 
 
 def silu_and_mul(x):
@@ -108,5 +108,5 @@ def test_decode_paths_equal_the_definition(rows, width, counts):
     counts = torch.tensor(counts)
     want = naive_experts_mlp(x, w_gate_up, w_down_t, experts, counts)
     for fn in (experts_mlp_gather, experts_mlp_masked):
-        got = fn(x, w_gate_up, w_down_t, experts, counts, silu_and_mul)
+        got = fn(x, ExpertWeights.separate(w_gate_up, w_down_t), experts, counts, silu_and_mul)
         assert torch.allclose(got, want, atol=1e-9), fn.__name__

@@ -140,8 +140,9 @@ def test_batch_equals_alone_with_mixed_densities(griffin):
     assert [len(t) for t in batched] == BATCH_MAX_TOKENS
     after = stats(griffin)
     assert after["slots_in_use"] == 0
-    # The decode steps went through the C kernel: one row alone, several together.
-    assert after["decode_paths"].get("rows", 0) > 0 and after["decode_paths"].get("union", 0) > 0
+    # Alone, rows decode through the C kernel; together, the dispatch also picked
+    # vLLM's dense GEMM with per-row masks: the tokens agree either way.
+    assert after["decode_paths"].get("rows", 0) > 0 and after["decode_paths"].get("masked", 0) > 0
 
 
 def test_methods_run_and_are_reproducible(griffin):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_griffin.ops import choose_path, experts_mlp_gather, union_size
+from vllm_griffin.ops import ExpertWeights, choose_path, experts_mlp_gather, union_size
 from vllm_griffin.ops.cpu_kernel import experts_mlp_cpu, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,15 +51,19 @@ def test_cpu_kernel_builds():
 ])
 def test_cpu_kernel_matches_reference_and_orders_agree_bitwise(dtype, activation, rows, hidden, width, counts):
     x, wgu, wdt, experts, counts = case(rows, hidden, width, counts, dtype)
-    want = experts_mlp_gather(x.double(), wgu.double(), wdt.double(), experts, counts, act_and_mul(activation))
-    by_rows = experts_mlp_cpu(x, wgu, wdt, experts, counts, activation, "rows")
-    by_union = experts_mlp_cpu(x, wgu, wdt, experts, counts, activation, "union")
+    want = experts_mlp_gather(x.double(), ExpertWeights.separate(wgu.double(), wdt.double()), experts, counts,
+                              act_and_mul(activation))
+    # Both weight layouts the kernels accept: separate matrices and one interleaved block.
+    separate = ExpertWeights.separate(wgu, wdt)
+    interleaved = ExpertWeights.interleaved(wgu, wdt.t().contiguous())
+    by_rows = experts_mlp_cpu(x, separate, experts, counts, activation, "rows")
+    by_union = experts_mlp_cpu(x, interleaved, experts, counts, activation, "union")
     assert torch.allclose(by_rows.double(), want, atol=1e-4, rtol=1e-4)
     # Both loop orders add each row's experts in the same order: identical bits,
     # so a row's result does not depend on the batch it is in.
     assert torch.equal(by_rows, by_union)
-    alone = torch.cat([experts_mlp_cpu(x[t:t + 1], wgu, wdt, experts[t:t + 1], counts[t:t + 1], activation, "union")
-                       for t in range(rows)])
+    alone = torch.cat([experts_mlp_cpu(x[t:t + 1], interleaved, experts[t:t + 1], counts[t:t + 1], activation,
+                                       "union") for t in range(rows)])
     assert torch.equal(alone, by_union)
 
 
@@ -67,29 +71,35 @@ def test_union_size_and_dispatch():
     experts = torch.tensor([[0, 1, 2, 9], [1, 2, 3, 9]])
     assert union_size(experts, torch.tensor([3, 3]), 10) == 4  # 9 is past both counts
     assert union_size(experts[:1], torch.tensor([2]), 10) == 2
-    cpu = torch.device("cpu")
-    assert choose_path(cpu, True, 1, 8192, 4096, 4096) == "rows"
-    assert choose_path(cpu, True, 8, 8192, 8000, 8 * 2048) == "union"
-    assert choose_path(cpu, True, 64, 8192, 8192, 64 * 6144) == "masked"  # dense GEMM wins
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # Measured on this CPU (benchmarks/results/cpu_kernels_1b.json), D = 8192:
+    assert choose_path(cpu, True, 1, 8192, 4096, 4096) == "rows"              # 2.8x dense
+    assert choose_path(cpu, True, 2, 8192, 6144, 8192) == "rows"              # 1.7x
+    assert choose_path(cpu, True, 64, 8192, 2048, 64 * 2048) == "union"       # heavy overlap
+    assert choose_path(cpu, True, 8, 8192, 8000, 8 * 4096) == "masked"        # 0.6x: dense GEMM
+    assert choose_path(cpu, True, 64, 8192, 8192, 64 * 6144) == "masked"
     assert choose_path(cpu, False, 1, 8192, 4096, 4096) == "gather"
-    assert choose_path(torch.device("cuda"), True, 1, 8192, 4096, 4096) == "triton"
-    assert choose_path(torch.device("cuda"), True, 16, 8192, 8192, 16 * 4096) == "masked"
+    # H200 (benchmarks/results/h200_triton_experts.json), D = 14336:
+    assert choose_path(cuda, True, 1, 14336, 7168, 7168) == "triton"          # 1.47x
+    assert choose_path(cuda, True, 4, 14336, 14336, 4 * 7168) == "masked"     # 0.64x
 
 
 TRITON_CHECK = r"""
 import torch, torch.nn.functional as F
 from tests.test_kernels import case, act_and_mul
-from vllm_griffin.ops.reference import experts_mlp_gather
+from vllm_griffin.ops.reference import ExpertWeights, experts_mlp_gather
 from vllm_griffin.ops.triton_experts import experts_mlp_triton
 worst = 0.0
 for rows, hidden, width, counts in [(1, 64, 96, [48]), (3, 100, 80, [40, 0, 37]), (5, 40, 33, [33, 1, 17, 32, 5])]:
     for act in ("silu", "gelu_tanh", "gelu", "relu"):
         for split in (1, 3):
             x, wgu, wdt, experts, counts_t = case(rows, hidden, width, counts, torch.float32)
-            want = experts_mlp_gather(x, wgu, wdt, experts, counts_t, act_and_mul(act))
-            got = experts_mlp_triton(x, wgu, wdt, experts, counts_t, act, block_k=16, block_h=32, split_k=split, split_h=split)
-            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-            worst = max(worst, err)
+            for weights in (ExpertWeights.separate(wgu, wdt), ExpertWeights.interleaved(wgu, wdt.t().contiguous())):
+                want = experts_mlp_gather(x, weights, experts, counts_t, act_and_mul(act))
+                got = experts_mlp_triton(x, weights, experts, counts_t, act, block_k=16, block_h=32, split_k=split,
+                                         split_h=split)
+                err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+                worst = max(worst, err)
 print("WORST", worst)
 """
 

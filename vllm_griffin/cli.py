@@ -13,7 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_griffin.models import MODELS
 
     prep.add_argument("name", choices=sorted(MODELS))
+    from vllm_griffin import bench
+
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "func"):
+        return args.func(args)
     if args.command == "prepare-model":
         from vllm_griffin.models import cli_prepare_model
 

@@ -56,10 +56,11 @@ class GriffinMLP(nn.Module):
         # The untouched forward: used whenever no token needs GRIFFIN.
         self.dense_forward = mlp.forward
         self.activation = activation_name(self.act)
-        # Gather-friendly weights, filled when vLLM post-processes the loaded
-        # weights (on CPU it then repacks them for oneDNN and drops the plain ones).
-        self.w_gate_up: torch.Tensor | None = None   # [2D, H], gate rows then up rows
-        self.w_down_t: torch.Tensor | None = None    # [D, H]
+        # Gather-friendly copy of the weights (ops.ExpertWeights), built when vLLM
+        # post-processes the loaded weights (on CPU it then repacks them for
+        # oneDNN and drops the plain ones, so this is the only plain copy).
+        self.expert_weights: ops.ExpertWeights | None = None
+        self._w_gate_up: torch.Tensor | None = None
         _on_weights_processed(self.gate_up, self._keep_gate_up)
         _on_weights_processed(self.down, self._keep_down)
         _LAYERS[layer_name] = self
@@ -77,12 +78,19 @@ class GriffinMLP(nn.Module):
         return getattr(self, self.spec.act)
 
     def _keep_gate_up(self, weight: torch.Tensor) -> None:
-        self.w_gate_up = weight
+        self._w_gate_up = weight
         width = weight.shape[0] // 2
         self.state.static_scores[self.layer_index] = algorithm.magnitude_scores(weight[:width], weight[width:])
 
     def _keep_down(self, weight: torch.Tensor) -> None:
-        self.w_down_t = weight.t().contiguous()
+        # vLLM processes gate_up before down (module order), so both are here now.
+        if weight.device.type == "cpu":
+            # One [D, 3, H] block: a neuron's three rows are adjacent (one stream).
+            self.expert_weights = ops.ExpertWeights.interleaved(self._w_gate_up, weight)
+        else:
+            # GPUs keep vLLM's gate_up rows as they are; only down is transposed.
+            self.expert_weights = ops.ExpertWeights.separate(self._w_gate_up, weight.t().contiguous())
+        self._w_gate_up = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.vllm.griffin_mlp(x, self.layer_name)
@@ -113,10 +121,14 @@ class GriffinMLP(nn.Module):
         experts, counts = self.state.sparse_experts(self.layer_index, plan)
         width = self.state.width
         products = plan.sparse_ksum[self.layer_index]
-        kernel_ok = ops.kernel_supports(self.w_gate_up, self.w_down_t, self.activation)
-        union = ops.union_size(experts, counts, width) if xs.device.type == "cpu" else products
-        path = ops.choose_path(xs.device, kernel_ok, xs.shape[0], width, union, products)
-        self.state.record_path(path, union, xs.shape[0])
+        kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
+        rows = xs.shape[0]
+        if kernel_ok and not ops.kernel_can_win(xs.device, rows, width, experts.shape[1], products):
+            path, union = "masked", None
+        else:
+            union = ops.union_size(experts, counts, width) if xs.device.type == "cpu" else products
+            path = ops.choose_path(xs.device, kernel_ok, rows, width, union, products)
+        self.state.record_path(path, union, rows)
         if path == "masked":
             # vLLM's own GEMMs (and its tensor-parallel reduction), experts kept per row.
             gate_up, _ = self.gate_up(xs)
@@ -128,13 +140,13 @@ class GriffinMLP(nn.Module):
         if path in ("rows", "union"):
             from vllm_griffin.ops.cpu_kernel import experts_mlp_cpu
 
-            out = experts_mlp_cpu(xs, self.w_gate_up, self.w_down_t, experts, counts, self.activation, path)
+            out = experts_mlp_cpu(xs, self.expert_weights, experts, counts, self.activation, path)
         elif path == "triton":
             from vllm_griffin.ops.triton_experts import experts_mlp_triton
 
-            out = experts_mlp_triton(xs, self.w_gate_up, self.w_down_t, experts, counts, self.activation)
+            out = experts_mlp_triton(xs, self.expert_weights, experts, counts, self.activation)
         else:
-            out = ops.experts_mlp_gather(xs, self.w_gate_up, self.w_down_t, experts, counts, self.act)
+            out = ops.experts_mlp_gather(xs, self.expert_weights, experts, counts, self.act).to(xs.dtype)
         if getattr(self.down, "tp_size", 1) > 1 and getattr(self.down, "reduce_results", True):
             from vllm.distributed import tensor_model_parallel_all_reduce
 

@@ -273,9 +273,9 @@ class GriffinState:
         experts = self.experts[layer, plan.sparse_slot, :kmax].long()
         return experts, plan.sparse_counts[layer]
 
-    def record_path(self, path: str, union: int, rows: int) -> None:
+    def record_path(self, path: str, union: int | None, rows: int) -> None:
         self.path_counts[path] = self.path_counts.get(path, 0) + 1
-        if rows > 1:
+        if rows > 1 and union is not None:
             self.union_fraction_sum += union / self.width
             self.union_samples += 1
 

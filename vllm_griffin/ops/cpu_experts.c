@@ -1,15 +1,21 @@
 // CPU decode kernel: each row runs only its own experts, reading only their weights.
 //
-// Contract (one layer, one rank) as vllm_griffin/ops/reference.py:
-//   x [T, H] float32, w_gate_up [2D, H] and w_down_t [D, H] (float32 or bfloat16),
-//   experts [T, K] int64 sorted ascending per row, counts [T] int64, out [T, H] float32.
+// Contract (one layer, one rank), as vllm_griffin/ops/reference.py:
+//   x [T, H] float32; gate, up and down-transposed rows of neuron j at
+//   w_gate + j*stride, w_up + j*stride, w_down + j*stride (float32 or bfloat16):
+//   separate [D, H] matrices (stride H) or one interleaved [D, 3, H] (stride 3H);
+//   experts [T, K] int64, sorted ascending per row; counts [T] int64; out [T, H] float32.
 //
-// Two loop orders, bitwise identical per row (every row sums its experts in
-// ascending neuron order with the same dot/axpy code):
-//   * rows:  for each row, for each of its experts: 3 weight rows streamed once per row.
-//   * union: for each neuron any row uses, load its 3 weight rows once and serve every
-//            row that has it while they sit in L1/L2: weight traffic = |union| rows.
-// Compiled at first use by vllm_griffin/ops/cpu_kernel.py (gcc -O3 -march=native).
+// Two loop orders:
+//   rows:  for each row, its experts four at a time (eight independent dot chains
+//          keep the core busy while weights stream in);
+//   union: for each neuron any row uses, its rows are loaded once and applied to up
+//          to four rows at a time while they sit in L1 (weight traffic = |union|).
+// Both produce the same bits for a row: every (row, neuron) dot product is one
+// 8-lane accumulator over H, then a horizontal sum, then the scalar tail; every
+// row adds its experts' down rows in ascending neuron order. So a row's output
+// never depends on which rows share its step.
+// Compiled at first use by vllm_griffin/ops/cpu_kernel.py (cc -O3 -march=native).
 
 #include <math.h>
 #include <stdint.h>
@@ -39,94 +45,178 @@ static inline float bf16_to_f32(uint16_t v) {
 static inline float f32_id(float v) { return v; }
 
 #ifdef GRIFFIN_AVX2
-static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8_bf16(const uint16_t* p) {
+#define LANES 8
+typedef __m256 vec;
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vset1(float v) { return _mm256_set1_ps(v); }
+static inline vec vloadx(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec load_f32(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec load_bf16(const uint16_t* p) {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
-static inline float hsum8(__m256 v) {
+static inline float vsum(vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+#else  // portable fallback: one lane
+#define LANES 1
+typedef float vec;
+static inline vec vzero(void) { return 0.0f; }
+static inline vec vset1(float v) { return v; }
+static inline vec vloadx(const float* p) { return *p; }
+static inline void vstore(float* p, vec v) { *p = v; }
+static inline vec vfma(vec a, vec b, vec c) { return fmaf(a, b, c); }
+static inline vec load_f32(const float* p) { return *p; }
+static inline vec load_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
+static inline float vsum(vec v) { return v; }
 #endif
 
-// DEFINE(SUFFIX, weight type, 8-lane loader, scalar converter)
-#ifdef GRIFFIN_AVX2
-#define DOT2_BODY(LOAD8, TOF)                                                          \
-    __m256 g0 = _mm256_setzero_ps(), g1 = _mm256_setzero_ps();                         \
-    __m256 u0 = _mm256_setzero_ps(), u1 = _mm256_setzero_ps();                         \
-    int64_t i = 0;                                                                     \
-    for (; i + 16 <= H; i += 16) {                                                     \
-        __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);           \
-        g0 = _mm256_fmadd_ps(LOAD8(gate + i), x0, g0);                                 \
-        g1 = _mm256_fmadd_ps(LOAD8(gate + i + 8), x1, g1);                             \
-        u0 = _mm256_fmadd_ps(LOAD8(up + i), x0, u0);                                   \
-        u1 = _mm256_fmadd_ps(LOAD8(up + i + 8), x1, u1);                               \
-    }                                                                                  \
-    float g = hsum8(_mm256_add_ps(g0, g1)), u = hsum8(_mm256_add_ps(u0, u1));          \
-    for (; i < H; i++) { g += TOF(gate[i]) * x[i]; u += TOF(up[i]) * x[i]; }           \
-    *g_out = g; *u_out = u;
-#define AXPY_BODY(LOAD8, TOF)                                                          \
-    __m256 hv = _mm256_set1_ps(h);                                                     \
-    int64_t i = 0;                                                                     \
-    for (; i + 8 <= H; i += 8)                                                         \
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(LOAD8(w + i), hv, _mm256_loadu_ps(y + i))); \
-    for (; i < H; i++) y[i] += h * TOF(w[i]);
-#else
-#define DOT2_BODY(LOAD8, TOF)                                                          \
-    float g = 0.0f, u = 0.0f;                                                          \
-    for (int64_t i = 0; i < H; i++) { g += TOF(gate[i]) * x[i]; u += TOF(up[i]) * x[i]; } \
-    *g_out = g; *u_out = u;
-#define AXPY_BODY(LOAD8, TOF)                                                          \
-    for (int64_t i = 0; i < H; i++) y[i] += h * TOF(w[i]);
-#endif
-
-#define DEFINE_KERNELS(SUFFIX, WT, LOAD8, TOF)                                          \
-static inline void dot2_##SUFFIX(const WT* gate, const WT* up, const float* x, int64_t H, \
-                                 float* g_out, float* u_out) { DOT2_BODY(LOAD8, TOF) }   \
-static inline void axpy_##SUFFIX(float* y, float h, const WT* w, int64_t H) {           \
-    AXPY_BODY(LOAD8, TOF)                                                               \
-}                                                                                       \
-void griffin_experts_rows_##SUFFIX(const float* x, const WT* w_gate_up, const WT* w_down_t, \
-        const int64_t* experts, const int64_t* counts, float* out,                      \
-        int64_t T, int64_t H, int64_t D, int64_t K, int act) {                          \
-    for (int64_t t = 0; t < T; t++) {                                                   \
-        const float* xt = x + t * H;                                                    \
-        float* y = out + t * H;                                                         \
-        memset(y, 0, sizeof(float) * H);                                                \
-        for (int64_t e = 0; e < counts[t]; e++) {                                       \
-            int64_t j = experts[t * K + e];                                             \
-            float g, u;                                                                 \
-            dot2_##SUFFIX(w_gate_up + j * H, w_gate_up + (D + j) * H, xt, H, &g, &u);   \
-            axpy_##SUFFIX(y, act_fn(g, act) * u, w_down_t + j * H, H);                  \
-        }                                                                               \
-    }                                                                                   \
-}                                                                                       \
-void griffin_experts_union_##SUFFIX(const float* x, const WT* w_gate_up, const WT* w_down_t, \
-        const int64_t* experts, const int64_t* counts, float* out,                      \
-        int64_t T, int64_t H, int64_t D, int64_t K, int act) {                          \
-    /* users[j]: how many rows use neuron j; rows_of[j*T + n]: which ones, ascending. */ \
-    int32_t* users = calloc((size_t)D, sizeof(int32_t));                                \
-    int32_t* rows_of = malloc(sizeof(int32_t) * (size_t)D * (size_t)T);                 \
-    for (int64_t t = 0; t < T; t++)                                                     \
-        for (int64_t e = 0; e < counts[t]; e++) {                                       \
-            int64_t j = experts[t * K + e];                                             \
-            rows_of[j * T + users[j]++] = (int32_t)t;                                   \
-        }                                                                               \
-    memset(out, 0, sizeof(float) * T * H);                                              \
-    for (int64_t j = 0; j < D; j++) {                                                   \
-        for (int32_t n = 0; n < users[j]; n++) {                                        \
-            int64_t t = rows_of[j * T + n];                                             \
-            float g, u;                                                                 \
-            dot2_##SUFFIX(w_gate_up + j * H, w_gate_up + (D + j) * H, x + t * H, H, &g, &u); \
-            axpy_##SUFFIX(out + t * H, act_fn(g, act) * u, w_down_t + j * H, H);        \
-        }                                                                               \
-    }                                                                                   \
-    free(users);                                                                        \
-    free(rows_of);                                                                      \
+#define DEFINE_KERNELS(SUFFIX, WT, LOAD, TOF)                                                    \
+/* g = gate_j . x_t and u = up_j . x_t for one neuron and up to four rows. */                   \
+static inline __attribute__((always_inline)) void dots_rows_##SUFFIX(const WT* gate, const WT* up, const float* const* xs,      \
+                                      int nr, int64_t H, float* g, float* u) {                   \
+    vec ag[4] = {vzero(), vzero(), vzero(), vzero()}, au[4] = {vzero(), vzero(), vzero(), vzero()}; \
+    int64_t i = 0;                                                                              \
+    for (; i + LANES <= H; i += LANES) {                                                        \
+        vec wg = LOAD(gate + i), wu = LOAD(up + i);                                             \
+        for (int r = 0; r < nr; r++) {                                                          \
+            vec xv = vloadx(xs[r] + i);                                                         \
+            ag[r] = vfma(wg, xv, ag[r]);                                                        \
+            au[r] = vfma(wu, xv, au[r]);                                                        \
+        }                                                                                       \
+    }                                                                                           \
+    for (int r = 0; r < nr; r++) {                                                              \
+        float gs = vsum(ag[r]), us = vsum(au[r]);                                               \
+        for (int64_t k = i; k < H; k++) {                                                       \
+            gs = fmaf(TOF(gate[k]), xs[r][k], gs);                                              \
+            us = fmaf(TOF(up[k]), xs[r][k], us);                                                \
+        }                                                                                       \
+        g[r] = gs; u[r] = us;                                                                   \
+    }                                                                                           \
+}                                                                                               \
+/* The same dot products for one row and up to four neurons. */                                 \
+static inline __attribute__((always_inline)) void dots_neurons_##SUFFIX(const WT* const* gates, const WT* const* ups,          \
+                                         const float* x, int nn, int64_t H, float* g, float* u) { \
+    vec ag[4] = {vzero(), vzero(), vzero(), vzero()}, au[4] = {vzero(), vzero(), vzero(), vzero()}; \
+    int64_t i = 0;                                                                              \
+    for (; i + LANES <= H; i += LANES) {                                                        \
+        vec xv = vloadx(x + i);                                                                 \
+        for (int n = 0; n < nn; n++) {                                                          \
+            ag[n] = vfma(LOAD(gates[n] + i), xv, ag[n]);                                        \
+            au[n] = vfma(LOAD(ups[n] + i), xv, au[n]);                                          \
+        }                                                                                       \
+    }                                                                                           \
+    for (int n = 0; n < nn; n++) {                                                              \
+        float gs = vsum(ag[n]), us = vsum(au[n]);                                               \
+        for (int64_t k = i; k < H; k++) {                                                       \
+            gs = fmaf(TOF(gates[n][k]), x[k], gs);                                              \
+            us = fmaf(TOF(ups[n][k]), x[k], us);                                                \
+        }                                                                                       \
+        g[n] = gs; u[n] = us;                                                                   \
+    }                                                                                           \
+}                                                                                               \
+/* y_r += h_r * down_j for up to four rows (one neuron). */                                     \
+static inline __attribute__((always_inline)) void axpy_rows_##SUFFIX(float* const* ys, const float* h, int nr, const WT* down, \
+                                      int64_t H) {                                              \
+    int64_t i = 0;                                                                              \
+    for (; i + LANES <= H; i += LANES) {                                                        \
+        vec w = LOAD(down + i);                                                                 \
+        for (int r = 0; r < nr; r++) vstore(ys[r] + i, vfma(w, vset1(h[r]), vloadx(ys[r] + i))); \
+    }                                                                                           \
+    for (int r = 0; r < nr; r++)                                                                \
+        for (int64_t k = i; k < H; k++) ys[r][k] = fmaf(TOF(down[k]), h[r], ys[r][k]);          \
+}                                                                                               \
+/* y += h_n * down_n for up to four neurons in ascending order (one row). */                    \
+static inline __attribute__((always_inline)) void axpy_neurons_##SUFFIX(float* y, const float* h, int nn, const WT* const* downs, \
+                                         int64_t H) {                                           \
+    int64_t i = 0;                                                                              \
+    for (; i + LANES <= H; i += LANES) {                                                        \
+        vec acc = vloadx(y + i);                                                                \
+        for (int n = 0; n < nn; n++) acc = vfma(LOAD(downs[n] + i), vset1(h[n]), acc);          \
+        vstore(y + i, acc);                                                                     \
+    }                                                                                           \
+    for (int64_t k = i; k < H; k++)                                                             \
+        for (int n = 0; n < nn; n++) y[k] = fmaf(TOF(downs[n][k]), h[n], y[k]);                 \
+}                                                                                               \
+void griffin_experts_rows_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up,            \
+        const WT* w_down, int64_t stride, const int64_t* experts, const int64_t* counts,        \
+        float* out, int64_t T, int64_t H, int64_t D, int64_t K, int act) {                      \
+    (void)D;                                                                                    \
+    for (int64_t t = 0; t < T; t++) {                                                           \
+        float* y = out + t * H;                                                                 \
+        memset(y, 0, sizeof(float) * H);                                                        \
+        for (int64_t e = 0; e < counts[t]; e += 4) {                                            \
+            int nn = counts[t] - e < 4 ? (int)(counts[t] - e) : 4;                              \
+            const WT *gates[4], *ups[4], *downs[4];                                             \
+            float g[4], u[4], h[4];                                                             \
+            for (int n = 0; n < nn; n++) {                                                      \
+                int64_t j = experts[t * K + e + n];                                             \
+                gates[n] = w_gate + j * stride; ups[n] = w_up + j * stride;                     \
+                downs[n] = w_down + j * stride;                                                 \
+            }                                                                                   \
+            /* constant counts let the compiler keep the accumulators in registers */           \
+            switch (nn) {                                                                       \
+                case 4: dots_neurons_##SUFFIX(gates, ups, x + t * H, 4, H, g, u); break;        \
+                case 3: dots_neurons_##SUFFIX(gates, ups, x + t * H, 3, H, g, u); break;        \
+                case 2: dots_neurons_##SUFFIX(gates, ups, x + t * H, 2, H, g, u); break;        \
+                default: dots_neurons_##SUFFIX(gates, ups, x + t * H, 1, H, g, u);              \
+            }                                                                                   \
+            for (int n = 0; n < nn; n++) h[n] = act_fn(g[n], act) * u[n];                       \
+            switch (nn) {                                                                       \
+                case 4: axpy_neurons_##SUFFIX(y, h, 4, downs, H); break;                        \
+                case 3: axpy_neurons_##SUFFIX(y, h, 3, downs, H); break;                        \
+                case 2: axpy_neurons_##SUFFIX(y, h, 2, downs, H); break;                        \
+                default: axpy_neurons_##SUFFIX(y, h, 1, downs, H);                              \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+}                                                                                               \
+void griffin_experts_union_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up,           \
+        const WT* w_down, int64_t stride, const int64_t* experts, const int64_t* counts,        \
+        float* out, int64_t T, int64_t H, int64_t D, int64_t K, int act) {                      \
+    /* users[j]: rows using neuron j; rows_of[j*T + n]: which, ascending. */                    \
+    int32_t* users = calloc((size_t)D, sizeof(int32_t));                                        \
+    int32_t* rows_of = malloc(sizeof(int32_t) * (size_t)D * (size_t)T);                         \
+    for (int64_t t = 0; t < T; t++)                                                             \
+        for (int64_t e = 0; e < counts[t]; e++) {                                               \
+            int64_t j = experts[t * K + e];                                                     \
+            rows_of[j * T + users[j]++] = (int32_t)t;                                           \
+        }                                                                                       \
+    memset(out, 0, sizeof(float) * T * H);                                                      \
+    for (int64_t j = 0; j < D; j++) {                                                           \
+        for (int32_t first = 0; first < users[j]; first += 4) {                                 \
+            int nr = users[j] - first < 4 ? users[j] - first : 4;                               \
+            const float* xs[4];                                                                 \
+            float* ys[4];                                                                       \
+            float g[4], u[4], h[4];                                                             \
+            for (int r = 0; r < nr; r++) {                                                      \
+                int64_t t = rows_of[j * T + first + r];                                         \
+                xs[r] = x + t * H; ys[r] = out + t * H;                                         \
+            }                                                                                   \
+            const WT *gate = w_gate + j * stride, *up = w_up + j * stride;                      \
+            switch (nr) {                                                                       \
+                case 4: dots_rows_##SUFFIX(gate, up, xs, 4, H, g, u); break;                    \
+                case 3: dots_rows_##SUFFIX(gate, up, xs, 3, H, g, u); break;                    \
+                case 2: dots_rows_##SUFFIX(gate, up, xs, 2, H, g, u); break;                    \
+                default: dots_rows_##SUFFIX(gate, up, xs, 1, H, g, u);                          \
+            }                                                                                   \
+            for (int r = 0; r < nr; r++) h[r] = act_fn(g[r], act) * u[r];                       \
+            switch (nr) {                                                                       \
+                case 4: axpy_rows_##SUFFIX(ys, h, 4, w_down + j * stride, H); break;            \
+                case 3: axpy_rows_##SUFFIX(ys, h, 3, w_down + j * stride, H); break;            \
+                case 2: axpy_rows_##SUFFIX(ys, h, 2, w_down + j * stride, H); break;            \
+                default: axpy_rows_##SUFFIX(ys, h, 1, w_down + j * stride, H);                  \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    free(users);                                                                                \
+    free(rows_of);                                                                              \
 }
 
-DEFINE_KERNELS(f32, float, load8_f32, f32_id)
-DEFINE_KERNELS(bf16, uint16_t, load8_bf16, bf16_to_f32)
+DEFINE_KERNELS(f32, float, load_f32, f32_id)
+DEFINE_KERNELS(bf16, uint16_t, load_bf16, bf16_to_f32)

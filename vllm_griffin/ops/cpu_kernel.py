@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_griffin.ops.reference import ExpertWeights
+
 logger = logging.getLogger("vllm.griffin.cpu_kernel")
 
 SOURCE = Path(__file__).with_name("cpu_experts.c")
@@ -70,7 +72,7 @@ def load() -> ctypes.CDLL | None:
         logger.warning("GRIFFIN: CPU decode kernel unavailable (%s); using the plain-torch path", detail)
         _failed = True
         return None
-    args = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    args = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     for order in ("rows", "union"):
         for suffix in _WEIGHT_SUFFIX.values():
             fn = getattr(lib, f"griffin_experts_{order}_{suffix}")
@@ -79,22 +81,21 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
-def supports(w_gate_up: torch.Tensor, w_down_t: torch.Tensor, activation: str | None) -> bool:
-    return (activation in ACT_CODES and w_gate_up.device.type == "cpu"
-            and w_gate_up.dtype in _WEIGHT_SUFFIX and w_down_t.dtype == w_gate_up.dtype
-            and w_gate_up.is_contiguous() and w_down_t.is_contiguous() and load() is not None)
+def supports(weights: ExpertWeights | None, activation: str | None) -> bool:
+    return (weights is not None and activation in ACT_CODES and weights.gate.device.type == "cpu"
+            and weights.gate.dtype in _WEIGHT_SUFFIX and load() is not None)
 
 
-def experts_mlp_cpu(x, w_gate_up, w_down_t, experts, counts, activation: str, order: str) -> torch.Tensor:
+def experts_mlp_cpu(x, weights: ExpertWeights, experts, counts, activation: str, order: str) -> torch.Tensor:
     """``order`` is "rows" (weights streamed per row) or "union" (once per step); same numbers."""
     lib = load()
     rows, hidden = x.shape
-    width = w_down_t.shape[0]
     x32 = x.to(torch.float32).contiguous()
     experts = experts.to(torch.int64).contiguous()
     counts = counts.to(torch.int64).contiguous()
     out = torch.empty(rows, hidden, dtype=torch.float32)
-    fn = getattr(lib, f"griffin_experts_{order}_{_WEIGHT_SUFFIX[w_gate_up.dtype]}")
-    fn(x32.data_ptr(), w_gate_up.data_ptr(), w_down_t.data_ptr(), experts.data_ptr(), counts.data_ptr(),
-       out.data_ptr(), rows, hidden, width, experts.shape[1], ACT_CODES[activation])
+    fn = getattr(lib, f"griffin_experts_{order}_{_WEIGHT_SUFFIX[weights.gate.dtype]}")
+    fn(x32.data_ptr(), weights.gate.data_ptr(), weights.up.data_ptr(), weights.down_t.data_ptr(),
+       weights.gate.stride(0), experts.data_ptr(), counts.data_ptr(), out.data_ptr(),
+       rows, hidden, weights.width, experts.shape[1], ACT_CODES[activation])
     return out.to(x.dtype)

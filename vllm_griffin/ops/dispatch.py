@@ -2,16 +2,18 @@
 
 Paths (every one gives each row exactly its own experts' result):
 
-* ``rows``   -- CPU kernel, each row streams its experts' weights (best for one row);
-* ``union``  -- CPU kernel, each needed neuron's weights are read once for all rows;
+* ``rows``   -- CPU kernel, each row streams its experts' weights (best for few rows);
+* ``union``  -- CPU kernel, each needed neuron's weights are read once for all rows
+  (the two CPU orders give identical bits, so switching between them never
+  changes a row's result);
 * ``triton`` -- GPU kernels, per-row gather-GEMV (vllm_griffin/ops/triton_experts.py);
 * ``masked`` -- vLLM's own dense GEMMs with non-experts zeroed per row;
 * ``gather`` -- plain-torch reference (no kernel for this device/dtype/activation).
 
-The cost model compares the expert kernel with the dense GEMM it replaces:
+The cost model compares the expert kernels with the dense GEMM they replace:
 each is bounded by streaming its weights or by its arithmetic, whichever is
-slower. Constants are throughput ratios measured by ``vllm-griffin bench``
-(``benchmarks/``), not guesses; see README "Decode speed".
+slower. Its constants are fitted to the kernel benchmarks in ``benchmarks/``
+(results in ``benchmarks/results/``), not guessed.
 """
 
 from __future__ import annotations
@@ -25,48 +27,65 @@ from vllm_griffin.ops import cpu_kernel
 
 @dataclass(frozen=True)
 class CostModel:
-    """Times in units of "stream one neuron's three weight rows as the dense GEMM does".
+    """Predicted times in units of "the dense GEMM streaming one neuron's three weight rows".
 
-    dense  = max(D, dense_compute * T * D)
-    kernel = max(kernel_stream * streamed, kernel_compute * products)
-    where ``streamed`` is the union of the rows' experts (kernels that read a
-    neuron once per step) or the sum of their counts (per-row kernels), and
-    ``products`` is the sum of the rows' counts.
+    dense = max(D, dense_compute * T * D)
+    rows  = overhead + rows_stream * P                      (each row streams its experts)
+    union = overhead + max(union_stream * U, union_compute * P)   (each used neuron once)
+    with T rows, P = sum of their expert counts, U = distinct neurons they use.
     """
 
-    dense_compute: float      # one row-neuron product of the dense GEMM
-    kernel_stream: float      # one neuron's rows streamed by the expert kernel
-    kernel_compute: float     # one row-neuron product of the expert kernel
-    reads_union: bool         # weights read once per step (True) or once per row
-    min_gain: float = 1.03    # below this predicted speed-up the dense path is kept
+    dense_compute: float
+    rows_stream: float
+    union_stream: float | None      # None: no union kernel on this device
+    union_compute: float = 0.0
+    overhead: float = 0.0
+    min_gain: float = 1.05          # predicted speed-up needed to leave vLLM's dense GEMM
 
 
-# 2-core AVX2 CPU, fp32, one worker core; from `python benchmarks/kernels.py`
-# (1B shape: H=2048, D=8192): dense torch GEMM 14.8 GB/s and 52 GFLOP/s,
-# union kernel 13.2 GB/s and 23 GFLOP/s.
-CPU_COST = CostModel(dense_compute=0.135, kernel_stream=1.05, kernel_compute=0.30, reads_union=True)
-# H200, bf16, per-row Triton kernel on CUDA cores vs cuBLAS on tensor cores
-# (datasheet-level leads until the device benchmark replaces them).
-GPU_COST = CostModel(dense_compute=0.0055, kernel_stream=1.25, kernel_compute=0.064, reads_union=False)
+# 2-core AVX2 CPU (AMD EPYC), fp32, one worker core, against vLLM's oneDNN GEMM; fitted to
+# benchmarks/results/cpu_kernels_{1b,smollm2}.json (`python benchmarks/cpu_kernels.py`).
+CPU_COST = CostModel(dense_compute=0.07, rows_stream=0.75, union_stream=1.0, union_compute=0.19)
+# H200, bf16, Llama-3-8B MLP, launches replayed from CUDA graphs; fitted to
+# benchmarks/results/h200_triton_experts.json: ~21 us + 0.89x dense's time per streamed
+# neuron for the per-row Triton kernel; cuBLAS stays ~96 us up to T = 8. No union kernel yet.
+GPU_COST = CostModel(dense_compute=0.0055, rows_stream=0.89, union_stream=None, overhead=3200.0)
 
 
-def predicted_gain(rows: int, width: int, union: int, products: int, cost: CostModel) -> float:
-    """Dense time / expert-kernel time; above ``cost.min_gain`` the expert kernel runs."""
-    dense = max(width, cost.dense_compute * rows * width)
-    streamed = union if cost.reads_union else products
-    kernel = max(cost.kernel_stream * streamed, cost.kernel_compute * products)
-    return dense / max(kernel, 1e-9)
+def cost_model(device: torch.device) -> CostModel:
+    return CPU_COST if device.type == "cpu" else GPU_COST
+
+
+def predicted_times(rows: int, width: int, union: int, products: int, cost: CostModel) -> dict[str, float]:
+    times = {"dense": max(width, cost.dense_compute * rows * width),
+             "rows": cost.overhead + cost.rows_stream * products}
+    if cost.union_stream is not None and rows > 1:
+        times["union"] = cost.overhead + max(cost.union_stream * union, cost.union_compute * products)
+    return times
 
 
 def choose_path(device: torch.device, kernel_ok: bool, rows: int, width: int, union: int, products: int) -> str:
+    """The fastest predicted path; the expert kernels must beat dense by ``min_gain``."""
     if not kernel_ok:
         return "masked" if products > width else "gather"
-    cost = CPU_COST if device.type == "cpu" else GPU_COST
-    if predicted_gain(rows, width, union, products, cost) < cost.min_gain:
+    cost = cost_model(device)
+    times = predicted_times(rows, width, union, products, cost)
+    dense = times.pop("dense")
+    best = min(times, key=times.get)
+    if dense / times[best] < cost.min_gain:
         return "masked"
     if device.type == "cpu":
-        return "rows" if rows == 1 else "union"
+        return best
     return "triton"
+
+
+def kernel_can_win(device: torch.device, rows: int, width: int, kmax: int, products: int) -> bool:
+    """False when even the smallest possible union (kmax) cannot beat dense: then
+    the union need not be counted at all."""
+    cost = cost_model(device)
+    times = predicted_times(rows, width, kmax, products, cost)
+    dense = times.pop("dense")
+    return dense / min(times.values()) >= cost.min_gain
 
 
 def union_size(experts: torch.Tensor, counts: torch.Tensor, width: int) -> int:
@@ -79,9 +98,9 @@ def union_size(experts: torch.Tensor, counts: torch.Tensor, width: int) -> int:
     return int(used[:width].sum())
 
 
-def kernel_supports(w_gate_up, w_down_t, activation: str | None) -> bool:
-    if w_gate_up is None or w_down_t is None or activation is None:
+def kernel_supports(weights, activation: str | None) -> bool:
+    if weights is None or activation is None:
         return False
-    if w_gate_up.device.type == "cpu":
-        return cpu_kernel.supports(w_gate_up, w_down_t, activation)
-    return w_gate_up.device.type == "cuda" and activation in ("silu", "gelu_tanh", "gelu", "relu")
+    if weights.gate.device.type == "cpu":
+        return cpu_kernel.supports(weights, activation)
+    return weights.gate.device.type == "cuda" and activation in ("silu", "gelu_tanh", "gelu", "relu")

@@ -5,11 +5,12 @@ the tests use as the oracle (on CPU under ``TRITON_INTERPRET=1``).
 
 Two launches per layer, both streaming only the rows' experts:
 
-1. ``_gate_up_kernel``: grid (rows, expert blocks). Loads BLOCK_K gate rows and
-   the matching up rows of ``w_gate_up`` (contiguous rows, so the gather is a
-   row gather), dots them with x, applies act(g) * u, writes h [T, K].
+1. ``_gate_up_kernel``: grid (rows, expert blocks, hidden splits). Loads
+   BLOCK_K gate rows and the matching up rows (contiguous rows, so the gather
+   is a row gather) and dots them with x; ``_act_mul_kernel`` adds the splits
+   in a fixed order and writes h = act(g) * u [T, K].
 2. ``_down_kernel``: grid (rows, hidden blocks, splits). Streams the experts'
-   rows of ``w_down_t`` ([D, H]: a down column is a contiguous row) weighted by
+   rows of ``down_t`` ([D, H]: a down column is a contiguous row) weighted by
    h; each split writes its own partial, summed afterwards in a fixed order
    (deterministic, no atomics).
 
@@ -42,8 +43,8 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, experts_ptr, counts_ptr, g_ptr, u_ptr,
-                    H, D, K, stride_x, stride_w, stride_e, stride_ps, stride_pt,
+def _gate_up_kernel(x_ptr, gate_ptr, up_ptr, experts_ptr, counts_ptr, g_ptr, u_ptr,
+                    H, K, stride_x, stride_w, stride_e, stride_ps, stride_pt,
                     SPLIT_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
     # Grid (rows, expert blocks, hidden splits): many programs even for one row,
     # so enough loads are in flight to stream HBM.
@@ -53,8 +54,8 @@ def _gate_up_kernel(x_ptr, w_ptr, experts_ptr, counts_ptr, g_ptr, u_ptr,
     count = tl.load(counts_ptr + row)
     k_mask = offs_k < count
     idx = tl.load(experts_ptr + row * stride_e + offs_k, mask=k_mask, other=0).to(tl.int64)
-    gate_rows = w_ptr + idx[:, None] * stride_w
-    up_rows = w_ptr + (idx + D)[:, None] * stride_w
+    gate_rows = gate_ptr + idx[:, None] * stride_w
+    up_rows = up_ptr + idx[:, None] * stride_w
     per_split = tl.cdiv(tl.cdiv(H, SPLIT_H), BLOCK_H) * BLOCK_H
     h_begin = split * per_split
     h_end = tl.minimum(h_begin + per_split, H)
@@ -115,16 +116,16 @@ def _down_kernel(h_ptr, w_ptr, experts_ptr, counts_ptr, out_ptr,
     tl.store(out_ptr + split * stride_os + row * stride_ot + offs_h, acc, mask=h_mask)
 
 
-def experts_mlp_triton(x, w_gate_up, w_down_t, experts, counts, activation: str = "silu",
+def experts_mlp_triton(x, weights, experts, counts, activation: str = "silu",
                        block_k: int = 32, block_h: int = 128, split_h: int | None = None,
                        split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """x [T, H], w_gate_up [2D, H], w_down_t [D, H], experts [T, K] int, counts [T] int -> [T, H]."""
+    """x [T, H], weights (ExpertWeights), experts [T, K] int, counts [T] int -> [T, H]."""
     rows, hidden = x.shape
-    width = w_down_t.shape[0]
     kmax = experts.shape[1]
     if rows == 0 or kmax == 0:
         return x.new_zeros(rows, hidden)
-    assert w_gate_up.stride(1) == 1 and w_down_t.stride(1) == 1 and x.stride(1) == 1
+    x = x.contiguous()
+    stride_w = weights.gate.stride(0)
     experts = experts.contiguous()
     counts = counts.to(torch.int32).contiguous()
     k_blocks = triton.cdiv(kmax, block_k)
@@ -135,8 +136,8 @@ def experts_mlp_triton(x, w_gate_up, w_down_t, experts, counts, activation: str 
     partial_g = torch.empty(split_h, rows, kmax, dtype=torch.float32, device=x.device)
     partial_u = torch.empty_like(partial_g)
     _gate_up_kernel[(rows, k_blocks, split_h)](
-        x, w_gate_up, experts, counts, partial_g, partial_u, hidden, width, kmax,
-        x.stride(0), w_gate_up.stride(0), experts.stride(0), partial_g.stride(0), partial_g.stride(1),
+        x, weights.gate, weights.up, experts, counts, partial_g, partial_u, hidden, kmax,
+        x.stride(0), stride_w, experts.stride(0), partial_g.stride(0), partial_g.stride(1),
         SPLIT_H=split_h, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=num_warps)
     h = torch.empty(rows, kmax, dtype=torch.float32, device=x.device)
     _act_mul_kernel[(rows, triton.cdiv(kmax, 256))](
@@ -146,7 +147,7 @@ def experts_mlp_triton(x, w_gate_up, w_down_t, experts, counts, activation: str 
         split_k = max(1, min(64, 1024 // max(1, rows * h_blocks)))
     partial = torch.empty(split_k, rows, hidden, dtype=torch.float32, device=x.device)
     _down_kernel[(rows, h_blocks, split_k)](
-        h, w_down_t, experts, counts, partial, hidden, kmax,
-        h.stride(0), w_down_t.stride(0), experts.stride(0), partial.stride(0), partial.stride(1),
+        h, weights.down_t, experts, counts, partial, hidden, kmax,
+        h.stride(0), stride_w, experts.stride(0), partial.stride(0), partial.stride(1),
         SPLIT_K=split_k, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=num_warps)
     return partial.sum(0).to(x.dtype)

@@ -1,0 +1,249 @@
+"""``vllm-griffin bench``: decode throughput of dense vs GRIFFIN, side by side, in vLLM.
+
+For each model one engine is started with GRIFFIN on; dense is the same engine
+at per-request density 1.0 (exactly vLLM's own MLP), so both sides share every
+engine setting. A model's half-FF twin (same shape, intermediate size halved)
+runs dense in an engine with the same settings: its speed over the full model
+is the ceiling for density 0.5.
+
+Per batch size B and density d it reports decode tokens/s (B * (N - 1) new
+tokens over the time the N-token run takes beyond a 1-token run), the ratio to
+dense, the ratio to the ceiling, the prefill overhead of statistic capture
+(1-token runs at d vs at 1.0), the mean union fraction of the batch's experts
+(from the exported expert sets), and which decode paths ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {
+    # name: (source, intermediate size override)
+    "smollm2": ("smollm2-135m-instruct", None),
+    "llama-1b": ("llama-1b", 8192),
+    "llama-1b-half": ("llama-1b", 4096),
+}
+TWINS = {"llama-1b": "llama-1b-half"}
+
+
+def random_llama_dir(intermediate: int) -> Path:
+    """Config-only folder of the 1B Llama shape; vLLM fills it with random weights."""
+    import transformers
+
+    from vllm_griffin.models import griffin_home
+
+    path = griffin_home() / "bench" / f"llama-1b-ff{intermediate}"
+    if not (path / "config.json").exists():
+        cfg = transformers.LlamaConfig(
+            hidden_size=2048, intermediate_size=intermediate, num_hidden_layers=16, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=4096)
+        cfg.architectures = ["LlamaForCausalLM"]
+        path.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(path)
+    return path
+
+
+def model_source(name: str) -> tuple[Path, dict]:
+    source, intermediate = MODELS[name]
+    if source == "llama-1b":
+        return random_llama_dir(intermediate), {"load_format": "dummy"}
+    from vllm_griffin.models import prepare_model
+
+    return prepare_model(source), {}
+
+
+def union_fraction(export_dir: Path, request_ids: list[str], width: int) -> float:
+    """Mean over layers of |union of the batch's experts| / D."""
+    import torch
+
+    from vllm_griffin.export import read_experts
+
+    per_request = [read_experts(export_dir / f"{rid}.safetensors")[0] for rid in request_ids]
+    fractions = []
+    for layer in range(len(per_request[0])):
+        used = torch.zeros(width, dtype=torch.bool)
+        for experts in per_request:
+            used[experts[layer].long()] = True
+        fractions.append(used.float().mean().item())
+    return sum(fractions) / len(fractions)
+
+
+class Runner:
+    def __init__(self, name: str, args, export_dir: Path):
+        from vllm import LLM
+
+        path, extra = model_source(name)
+        self.name = name
+        self.width = MODELS[name][1] or json.loads((path / "config.json").read_text())["intermediate_size"]
+        self.export_dir = export_dir
+        os.environ["VLLM_GRIFFIN_EXPORT_DIR"] = str(export_dir)
+        max_b = max(args.batch_sizes)
+        self.llm = LLM(model=str(path), skip_tokenizer_init=True, dtype=args.dtype, enforce_eager=not args.compile,
+                       gpu_memory_utilization=0.5, max_model_len=args.prompt_len + args.gen_len + 8,
+                       max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b * args.prompt_len),
+                       additional_config={"griffin": {"density": 0.5}}, seed=0, **extra)
+        self.args = args
+
+    def prompts(self, batch: int):
+        import torch
+        from vllm.inputs import TokensPrompt
+
+        gen = torch.Generator().manual_seed(batch)
+        return [TokensPrompt(prompt_token_ids=torch.randint(100, 40000, (self.args.prompt_len,), generator=gen).tolist())
+                for _ in range(batch)]
+
+    def timed(self, batch: int, density: float, max_tokens: int):
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
+                                detokenize=False, extra_args={"griffin": {"density": density}})
+        start = time.perf_counter()
+        outs = self.llm.generate(self.prompts(batch), params, use_tqdm=False)
+        return time.perf_counter() - start, outs
+
+    def stats(self) -> dict:
+        return self.llm.collective_rpc("griffin_stats")[0]
+
+    def measure(self, batch: int, density: float) -> dict:
+        before = self.stats()["decode_paths"]
+        t_prefill, _ = self.timed(batch, density, 1)
+        t_full, outs = self.timed(batch, density, self.args.gen_len)
+        after = self.stats()["decode_paths"]
+        entry = {
+            "model": self.name, "batch": batch, "density": density,
+            "prefill_s": t_prefill, "total_s": t_full,
+            "decode_tok_s": batch * (self.args.gen_len - 1) / max(t_full - t_prefill, 1e-9),
+            "decode_paths": {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)},
+        }
+        if density < 1.0:
+            entry["union_fraction"] = union_fraction(self.export_dir, [o.request_id for o in outs], self.width)
+        return entry
+
+    def close(self):
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("func",)}, "runs": []}
+    models = list(args.models)
+    for name in list(models):
+        if name in TWINS and TWINS[name] not in models and 0.5 in args.densities:
+            models.append(TWINS[name])
+    plan = [(m, b, d) for m in models for b in args.batch_sizes
+            for d in ([1.0] if m in TWINS.values() else [1.0, *args.densities])]
+    bar = tqdm(total=len(plan), desc="bench", unit="run")
+    for name in models:
+        with tempfile.TemporaryDirectory() as export_dir:
+            runner = Runner(name, args, Path(export_dir))
+            runner.measure(min(args.batch_sizes), 1.0)  # warm-up
+            for model, batch, density in plan:
+                if model != name:
+                    continue
+                bar.set_postfix(model=name, batch=batch, density=density)
+                results["runs"].append(runner.measure(batch, density))
+                bar.update()
+            runner.close()
+    bar.close()
+    results["summary"] = summarize(results["runs"])
+    return results
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    by_key = {(r["model"], r["batch"], r["density"]): r for r in runs}
+    rows = []
+    for (model, batch, density), r in sorted(by_key.items()):
+        if density == 1.0 or model in TWINS.values():
+            continue
+        dense = by_key[(model, batch, 1.0)]
+        row = {"model": model, "batch": batch, "density": density,
+               "dense_tok_s": dense["decode_tok_s"], "griffin_tok_s": r["decode_tok_s"],
+               "vs_dense": r["decode_tok_s"] / dense["decode_tok_s"],
+               "prefill_overhead": r["prefill_s"] / dense["prefill_s"] - 1.0,
+               "union_fraction": r.get("union_fraction"), "decode_paths": r["decode_paths"]}
+        twin = by_key.get((TWINS.get(model), batch, 1.0))
+        if twin is not None and density == 0.5:
+            row["ceiling_vs_dense"] = twin["decode_tok_s"] / dense["decode_tok_s"]
+            row["vs_ceiling"] = row["vs_dense"] / row["ceiling_vs_dense"]
+        rows.append(row)
+    return rows
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| model | batch | density | dense tok/s | GRIFFIN tok/s | GRIFFIN/dense | ceiling/dense | "
+             "of ceiling | prefill overhead | union fraction |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary:
+        fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"| {r['model']} | {r['batch']} | {r['density']} | {r['dense_tok_s']:.2f} | "
+                     f"{r['griffin_tok_s']:.2f} | {r['vs_dense']:.2f} | {fmt(r.get('ceiling_vs_dense'), '.2f')} | "
+                     f"{fmt(r.get('vs_ceiling'), '.2f')} | {r['prefill_overhead'] * 100:+.1f} % | "
+                     f"{fmt(r.get('union_fraction'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    models = sorted({r["model"] for r in summary})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for density in sorted({r["density"] for r in summary if r["model"] == model}):
+            pts = sorted((r["batch"], r["vs_dense"]) for r in summary if r["model"] == model and r["density"] == density)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"density {density}")
+        ceil = sorted((r["batch"], r["ceiling_vs_dense"]) for r in summary
+                      if r["model"] == model and "ceiling_vs_dense" in r)
+        if ceil:
+            ax.plot([p[0] for p in ceil], [p[1] for p in ceil], "k--", label="half-FF ceiling (d=0.5)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("decode speed-up over dense")
+        ax.set_title(model)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="decode throughput: dense vs GRIFFIN vs the half-FF ceiling")
+    p.add_argument("--models", type=lambda s: s.split(","), default=["smollm2", "llama-1b"],
+                   help=f"comma-separated, from {', '.join(MODELS)} (a model's half-FF twin is added for d=0.5)")
+    p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--densities", type=lambda s: [float(v) for v in s.split(",")], default=[0.25, 0.5, 0.75])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--gen-len", type=int, default=16)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
+    p.add_argument("--out", type=Path, default=Path("results/bench.json"))
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model {unknown[0]!r}; allowed: {', '.join(MODELS)}")
+    results = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    table = markdown(results["summary"])
+    args.out.with_suffix(".md").write_text(table + "\n")
+    png = args.out.with_suffix(".png")
+    print(table)
+    print(f"\nwrote {args.out}, {args.out.with_suffix('.md')}" + (f", {png}" if plot(results["summary"], png) else
+                                                                   " (install matplotlib for the plot)"))
+    return 0
