@@ -19,11 +19,10 @@ def make_state(max_seqs=4, **cfg):
 
 def run_layers(state, plan, z_all):
     """What GriffinMLP does with a plan, for activations z_all [tokens, WIDTH]."""
+    dense = z_all if plan.dense_idx is None else z_all[plan.dense_idx]
     for layer in range(LAYERS):
         if plan.capture_pos is not None:
-            state.capture(layer, z_all[plan.dense_idx][plan.capture_pos] * (layer + 1), plan)
-        if plan.finishing:
-            state.select(layer, plan)
+            state.capture(layer, dense[plan.capture_pos] * (layer + 1), plan)
     state.finish_step(plan)
 
 

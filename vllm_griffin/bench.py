@@ -81,7 +81,6 @@ class Runner:
         self.name = name
         self.width = MODELS[name][1] or json.loads((path / "config.json").read_text())["intermediate_size"]
         self.export_dir = export_dir
-        os.environ["VLLM_GRIFFIN_EXPORT_DIR"] = str(export_dir)
         max_b = max(args.batch_sizes)
         self.llm = LLM(model=str(path), skip_tokenizer_init=True, dtype=args.dtype, enforce_eager=not args.compile,
                        gpu_memory_utilization=0.5, max_model_len=args.prompt_len + args.gen_len + 8,
@@ -112,7 +111,7 @@ class Runner:
     def measure(self, batch: int, density: float) -> dict:
         before = self.stats()["decode_paths"]
         t_prefill, _ = self.timed(batch, density, 1)
-        t_full, outs = self.timed(batch, density, self.args.gen_len)
+        t_full, _ = self.timed(batch, density, self.args.gen_len)
         after = self.stats()["decode_paths"]
         entry = {
             "model": self.name, "batch": batch, "density": density,
@@ -120,7 +119,10 @@ class Runner:
             "decode_tok_s": batch * (self.args.gen_len - 1) / max(t_full - t_prefill, 1e-9),
             "decode_paths": {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)},
         }
-        if density < 1.0:
+        if density < 1.0:  # untimed: the same prompts once more, writing their experts
+            self.llm.collective_rpc("griffin_export_to", args=(str(self.export_dir),))
+            _, outs = self.timed(batch, density, 1)
+            self.llm.collective_rpc("griffin_export_to", args=(None,))
             entry["union_fraction"] = union_fraction(self.export_dir, [o.request_id for o in outs], self.width)
         return entry
 

@@ -182,6 +182,10 @@ class _GriffinWorkerMixin:
         runner.__class__ = _subclass(type(runner), GriffinRunnerMixin)
         return result
 
+    def griffin_export_to(self, directory: str | None) -> None:
+        """Start (a folder) or stop (None) writing each request's experts, at run time."""
+        self.model_runner.griffin.export_dir = directory
+
     def griffin_stats(self) -> dict:
         """Live GRIFFIN state of this worker (``LLM.collective_rpc("griffin_stats")``)."""
         state = self.model_runner.griffin

@@ -100,6 +100,12 @@ class GriffinMLP(nn.Module):
         if plan is None or plan.all_dense:
             return self.dense_forward(x)
         state, layer = self.state, self.layer_index
+        if plan.dense_idx is None:  # only prompt tokens: the full MLP, capturing on the way
+            gate_up, _ = self.gate_up(x)
+            z = self.act(gate_up)
+            state.capture(layer, z.index_select(0, plan.capture_pos), plan)
+            out, _ = self.down(z)
+            return out
         out = torch.empty_like(x)
         dense_idx = _with_padding(plan, x.shape[0])
         if dense_idx.numel():
@@ -109,12 +115,8 @@ class GriffinMLP(nn.Module):
                 state.capture(layer, z.index_select(0, plan.capture_pos), plan)
             dense_out, _ = self.down(z)
             out.index_copy_(0, dense_idx, dense_out)
-        if plan.finishing:
-            state.select(layer, plan)
-        if plan.sparse_idx is not None:
-            out.index_copy_(0, plan.sparse_idx, self._run_experts(x.index_select(0, plan.sparse_idx), plan))
+        out.index_copy_(0, plan.sparse_idx, self._run_experts(x.index_select(0, plan.sparse_idx), plan))
         return out
-
 
     def _run_experts(self, xs: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Each decode row through its own experts, by the path the cost model picks."""

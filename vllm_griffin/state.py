@@ -66,7 +66,7 @@ class StepPlan:
     """Token indices of one step, grouped by what each layer must do with them."""
 
     num_tokens: int
-    dense_idx: torch.Tensor | None = None      # tokens through the full MLP (None: all)
+    dense_idx: torch.Tensor | None = None      # tokens through the full MLP (None: all of them)
     capture_pos: torch.Tensor | None = None    # positions within dense_idx to capture
     capture_acc: torch.Tensor | None = None    # accumulator slot per captured token
     sparse_idx: torch.Tensor | None = None     # tokens through their experts
@@ -79,7 +79,8 @@ class StepPlan:
 
     @property
     def all_dense(self) -> bool:
-        return self.sparse_idx is None and self.capture_pos is None and not self.finishing
+        """No layer work beyond vLLM's own MLP (selection happens after the pass)."""
+        return self.sparse_idx is None and self.capture_pos is None
 
 
 class SlotPool:
@@ -228,7 +229,7 @@ class GriffinState:
             offset += row.num_scheduled
 
         to = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        if sparse_idx or capture_pos or plan.finishing:
+        if sparse_idx:  # else every token is dense and dense_idx stays None
             plan.dense_idx = to(dense_idx)
         if capture_pos:
             plan.capture_pos, plan.capture_acc = to(capture_pos), to(capture_acc)
@@ -246,26 +247,30 @@ class GriffinState:
         contrib = algorithm.prompt_contributions(z)
         self.acc[layer].index_add_(0, plan.capture_acc, contrib)
 
-    def select(self, layer: int, plan: StepPlan) -> None:
-        """Pick this layer's experts for every request whose prompt completed this step."""
-        topk_groups: dict[int, list[RequestState]] = {}
+    def select(self, plan: StepPlan) -> None:
+        """Pick every layer's experts for the requests whose prompt completed this step.
+
+        Runs once after the forward pass (no decode token of theirs is in that
+        step), so the paper's top-k is one batched call for all layers and requests.
+        """
+        topk_groups: dict[int, list[tuple[int, RequestState]]] = {}
         for state in plan.finishing:
-            k = state.k[layer]
-            if state.method == "topk":
-                topk_groups.setdefault(k, []).append(state)
-                continue
-            stat = self.acc[layer, state.acc_slot] if state.acc_slot is not None else None
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(_mix_seed(state.seed, layer))
-            idx = algorithm.select_experts(
-                stat, k, state.method, width=self.width, generator=gen,
-                static_scores=self.static_scores[layer])
-            self.experts[layer, state.slot, :k] = idx.to(torch.int32)
-        for k, group in topk_groups.items():
-            acc = torch.tensor([s.acc_slot for s in group], device=self.device)
-            slots = torch.tensor([s.slot for s in group], device=self.device)
-            idx = algorithm.topk_experts_batched(self.acc[layer, acc], k)
-            self.experts[layer, slots, :k] = idx.to(torch.int32)
+            for layer, k in enumerate(state.k):
+                if state.method == "topk":
+                    topk_groups.setdefault(k, []).append((layer, state))
+                    continue
+                stat = self.acc[layer, state.acc_slot] if state.acc_slot is not None else None
+                gen = torch.Generator(device="cpu")
+                gen.manual_seed(_mix_seed(state.seed, layer))
+                idx = algorithm.select_experts(stat, k, state.method, width=self.width, generator=gen,
+                                               static_scores=self.static_scores[layer])
+                self.experts[layer, state.slot, :k] = idx.to(torch.int32)
+        for k, pairs in topk_groups.items():
+            layers = torch.tensor([layer for layer, _ in pairs], device=self.device)
+            acc = torch.tensor([s.acc_slot for _, s in pairs], device=self.device)
+            slots = torch.tensor([s.slot for _, s in pairs], device=self.device)
+            idx = algorithm.topk_experts_batched(self.acc[layers, acc], k)
+            self.experts[layers, slots, :k] = idx.to(torch.int32)
 
     def sparse_experts(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts [T, kmax] int64, counts [T]) of the step's sparse tokens for ``layer``."""
@@ -280,9 +285,11 @@ class GriffinState:
             self.union_samples += 1
 
     def finish_step(self, plan: StepPlan) -> None:
-        """Commit what the step's forward pass did (it succeeded)."""
+        """Commit what the step's forward pass did (it succeeded); select finished prompts' experts."""
         for state, captured in plan.captures:
             state.captured = max(state.captured, captured)
+        if plan.finishing:
+            self.select(plan)
         for state in plan.finishing:
             state.selected = True
             self._free_acc(state)

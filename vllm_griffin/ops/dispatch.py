@@ -45,7 +45,7 @@ class CostModel:
 
 # 2-core AVX2 CPU (AMD EPYC), fp32, one worker core, against vLLM's oneDNN GEMM; fitted to
 # benchmarks/results/cpu_kernels_{1b,smollm2}.json (`python benchmarks/cpu_kernels.py`).
-CPU_COST = CostModel(dense_compute=0.07, rows_stream=0.75, union_stream=1.0, union_compute=0.19)
+CPU_COST = CostModel(dense_compute=0.07, rows_stream=0.75, union_stream=1.4, union_compute=0.19)
 # H200, bf16, Llama-3-8B MLP, launches replayed from CUDA graphs; fitted to
 # benchmarks/results/h200_triton_experts.json: ~21 us + 0.89x dense's time per streamed
 # neuron for the per-row Triton kernel; cuBLAS stays ~96 us up to T = 8. No union kernel yet.
