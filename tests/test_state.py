@@ -39,6 +39,8 @@ def test_chunked_prompt_with_one_token_last_chunk_selects_the_definition():
     for layer in range(LAYERS):
         want = torch.topk(statistic_from_activations(z * (layer + 1)), WIDTH // 2).indices.sort().values
         assert state.experts_of("a")[layer].tolist() == want.tolist()
+        # The mask table holds the same experts for the masked-dense path.
+        assert state.masks[layer, state.requests["a"].slot].nonzero().flatten().tolist() == want.tolist()
     # The next token decodes on the experts.
     plan = state.plan_step([StepRow("a", 33, 33, 1)])
     assert plan.dense_idx.tolist() == [] and plan.sparse_idx.tolist() == [0]
@@ -93,6 +95,7 @@ def test_magnitude_and_dense_requests_capture_nothing():
     assert plan.capture_pos is None and [s.req_id for s in plan.finishing] == ["m"]
     run_layers(state, plan, torch.randn(8, WIDTH))
     assert state.experts_of("m")[0].tolist() == list(range(8, 16))
+    assert state.masks[0, state.requests["m"].slot].nonzero().flatten().tolist() == list(range(8, 16))
     # Only dense work left: the plan says so, and layers take the untouched path.
     assert state.plan_step([StepRow("d", 4, 4, 1)]).all_dense
 

@@ -6,11 +6,13 @@ engine setting. A model's half-FF twin (same shape, intermediate size halved)
 runs dense in an engine with the same settings: its speed over the full model
 is the ceiling for density 0.5.
 
-Per batch size B and density d it reports decode tokens/s (B * (N - 1) new
-tokens over the time the N-token run takes beyond a 1-token run), the ratio to
-dense, the ratio to the ceiling, the prefill overhead of statistic capture
-(1-token runs at d vs at 1.0), the mean union fraction of the batch's experts
-(from the exported expert sets), and which decode paths ran.
+The engine is stepped by hand: a batch counts as prefilled once every request
+has its first token; decode tokens/s is what the batch generates after that
+over the time it takes. Per batch size B and density d it reports that, the
+ratio to dense, the ratio to the ceiling, the prefill
+overhead of statistic capture (time to the batch's first tokens at d vs 1.0), the mean union
+fraction of the batch's experts (from their exported expert sets), and which
+decode paths ran. Densities alternate within each repeat; medians are reported.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +90,7 @@ class Runner:
                        max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b * args.prompt_len),
                        additional_config={"griffin": {"density": 0.5}}, seed=0, **extra)
         self.args = args
+        self.run_id = 0
 
     def prompts(self, batch: int):
         import torch
@@ -96,35 +100,60 @@ class Runner:
         return [TokensPrompt(prompt_token_ids=torch.randint(100, 40000, (self.args.prompt_len,), generator=gen).tolist())
                 for _ in range(batch)]
 
-    def timed(self, batch: int, density: float, max_tokens: int):
+    def params(self, density: float, max_tokens: int):
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
-                                detokenize=False, extra_args={"griffin": {"density": density}})
+        return SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
+                              detokenize=False, extra_args={"griffin": {"density": density}})
+
+    def timed_steps(self, batch: int, density: float) -> tuple[float, float, int]:
+        """(seconds until every request has its first token, seconds after that,
+        tokens generated after that) for one batch, stepping the engine by hand."""
+        engine = self.llm.llm_engine
+        params = self.params(density, self.args.gen_len)
+        self.run_id += 1
+        for i, prompt in enumerate(self.prompts(batch)):
+            engine.add_request(f"bench-{self.run_id}-{i}", prompt, params)
+        lengths: dict[str, int] = {}
         start = time.perf_counter()
-        outs = self.llm.generate(self.prompts(batch), params, use_tqdm=False)
-        return time.perf_counter() - start, outs
+        while len(lengths) < batch:  # prefill: until every request has a first token
+            for out in engine.step():
+                lengths[out.request_id] = len(out.outputs[0].token_ids)
+        prefilled = time.perf_counter()
+        at_prefilled = sum(lengths.values())
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                lengths[out.request_id] = len(out.outputs[0].token_ids)
+        return prefilled - start, time.perf_counter() - prefilled, sum(lengths.values()) - at_prefilled
 
     def stats(self) -> dict:
         return self.llm.collective_rpc("griffin_stats")[0]
 
-    def measure(self, batch: int, density: float) -> dict:
-        before = self.stats()["decode_paths"]
-        t_prefill, _ = self.timed(batch, density, 1)
-        t_full, _ = self.timed(batch, density, self.args.gen_len)
-        after = self.stats()["decode_paths"]
-        entry = {
-            "model": self.name, "batch": batch, "density": density,
-            "prefill_s": t_prefill, "total_s": t_full,
-            "decode_tok_s": batch * (self.args.gen_len - 1) / max(t_full - t_prefill, 1e-9),
-            "decode_paths": {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)},
-        }
-        if density < 1.0:  # untimed: the same prompts once more, writing their experts
-            self.llm.collective_rpc("griffin_export_to", args=(str(self.export_dir),))
-            _, outs = self.timed(batch, density, 1)
-            self.llm.collective_rpc("griffin_export_to", args=(None,))
-            entry["union_fraction"] = union_fraction(self.export_dir, [o.request_id for o in outs], self.width)
-        return entry
+    def measure(self, batch: int, densities: list[float]) -> list[dict]:
+        """Every density for one batch size, alternating over the repeats; medians."""
+        samples: dict[float, list[tuple[float, float, int]]] = {d: [] for d in densities}
+        paths: dict[float, dict[str, int]] = {d: {} for d in densities}
+        for _ in range(self.args.repeats):
+            for density in densities:
+                before = self.stats()["decode_paths"]
+                samples[density].append(self.timed_steps(batch, density))
+                after = self.stats()["decode_paths"]
+                for k in after:
+                    if after[k] != before.get(k, 0):
+                        paths[density][k] = paths[density].get(k, 0) + after[k] - before.get(k, 0)
+        entries = []
+        for density in densities:
+            prefill = statistics.median(p for p, _, _ in samples[density])
+            decode_tok_s = statistics.median(n / d for _, d, n in samples[density])
+            entry = {"model": self.name, "batch": batch, "density": density, "prefill_s": prefill,
+                     "decode_tok_s": decode_tok_s, "decode_paths": paths[density], "samples": samples[density]}
+            if density < 1.0:  # untimed: the same prompts once more, writing their experts
+                self.llm.collective_rpc("griffin_export_to", args=(str(self.export_dir),))
+                outs = self.llm.generate(self.prompts(batch), self.params(density, 1), use_tqdm=False)
+                self.llm.collective_rpc("griffin_export_to", args=(None,))
+                entry["union_fraction"] = union_fraction(self.export_dir, [o.request_id for o in outs], self.width)
+            entries.append(entry)
+        return entries
 
     def close(self):
         self.llm.llm_engine.engine_core.shutdown()
@@ -139,18 +168,17 @@ def run(args) -> dict:
     for name in list(models):
         if name in TWINS and TWINS[name] not in models and 0.5 in args.densities:
             models.append(TWINS[name])
-    plan = [(m, b, d) for m in models for b in args.batch_sizes
-            for d in ([1.0] if m in TWINS.values() else [1.0, *args.densities])]
-    bar = tqdm(total=len(plan), desc="bench", unit="run")
+    plan = [(m, b, [1.0] if m in TWINS.values() else [1.0, *args.densities]) for m in models for b in args.batch_sizes]
+    bar = tqdm(total=len(plan), desc="bench", unit="batch size")
     for name in models:
         with tempfile.TemporaryDirectory() as export_dir:
             runner = Runner(name, args, Path(export_dir))
-            runner.measure(min(args.batch_sizes), 1.0)  # warm-up
-            for model, batch, density in plan:
+            runner.measure(min(args.batch_sizes), [1.0])  # warm-up
+            for model, batch, densities in plan:
                 if model != name:
                     continue
-                bar.set_postfix(model=name, batch=batch, density=density)
-                results["runs"].append(runner.measure(batch, density))
+                bar.set_postfix(model=name, batch=batch)
+                results["runs"].extend(runner.measure(batch, densities))
                 bar.update()
             runner.close()
     bar.close()
@@ -229,6 +257,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=2, help="alternating repeats per batch size; medians reported")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     p.set_defaults(func=main)

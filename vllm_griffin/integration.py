@@ -80,6 +80,7 @@ def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *ar
             "out of the expert statistic and select different experts.")
         engine_args.enable_prefix_caching = False
     _prefer_v1_runner()
+    _no_cuda_graphs_yet(engine_args)
     vllm_config = original(engine_args, *args, **kwargs)
     spec_for(vllm_config.model_config.architectures)  # unsupported architecture -> clear error now
     cfg.check_num_layers(vllm_config.model_config.hf_text_config.num_hidden_layers)
@@ -104,6 +105,17 @@ def _prefer_v1_runner() -> None:
     if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         logger.info("GRIFFIN: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+
+
+def _no_cuda_graphs_yet(engine_args) -> None:
+    # A captured CUDA graph would replay one step's expert plan for every later
+    # step. Until the decode path is graph-safe end to end, accelerators run eager.
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() and not engine_args.enforce_eager:
+        logger.warning("GRIFFIN: CUDA graphs and torch.compile switched off (enforce_eager=True) until "
+                       "GRIFFIN's graph-safe decode path lands.")
+        engine_args.enforce_eager = True
 
 
 # -- front end: reject bad per-request values before they reach the engine -------------

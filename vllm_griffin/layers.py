@@ -106,6 +106,8 @@ class GriffinMLP(nn.Module):
             state.capture(layer, z.index_select(0, plan.capture_pos), plan)
             out, _ = self.down(z)
             return out
+        if plan.only_sparse and x.shape[0] == plan.num_tokens:  # a pure decode step: no copies
+            return self._run_experts(x, plan)
         out = torch.empty_like(x)
         dense_idx = _with_padding(plan, x.shape[0])
         if dense_idx.numel():
@@ -120,14 +122,14 @@ class GriffinMLP(nn.Module):
 
     def _run_experts(self, xs: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Each decode row through its own experts, by the path the cost model picks."""
-        experts, counts = self.state.sparse_experts(self.layer_index, plan)
-        width = self.state.width
-        products = plan.sparse_ksum[self.layer_index]
+        layer, width, rows = self.layer_index, self.state.width, xs.shape[0]
+        products, kmax = plan.sparse_ksum[layer], plan.sparse_kmax[layer]
         kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
-        rows = xs.shape[0]
-        if kernel_ok and not ops.kernel_can_win(xs.device, rows, width, experts.shape[1], products):
-            path, union = "masked", None
+        experts = counts = union = None
+        if kernel_ok and not ops.kernel_can_win(xs.device, rows, width, kmax, products):
+            path = "masked"  # even the smallest union loses: no need to count it
         else:
+            experts, counts = self.state.sparse_experts(layer, plan)
             union = ops.union_size(experts, counts, width) if xs.device.type == "cpu" else products
             path = ops.choose_path(xs.device, kernel_ok, rows, width, union, products)
         self.state.record_path(path, union, rows)
@@ -135,9 +137,7 @@ class GriffinMLP(nn.Module):
             # vLLM's own GEMMs (and its tensor-parallel reduction), experts kept per row.
             gate_up, _ = self.gate_up(xs)
             z = self.act(gate_up)
-            keep = torch.where(_valid(experts, counts), experts, width)
-            mask = z.new_zeros(z.shape[0], width + 1).scatter_(1, keep, 1.0)[:, :width]
-            out, _ = self.down(z * mask)
+            out, _ = self.down(z.mul_(self.state.sparse_masks(layer, plan)))
             return out
         if path in ("rows", "union"):
             from vllm_griffin.ops.cpu_kernel import experts_mlp_cpu
@@ -154,10 +154,6 @@ class GriffinMLP(nn.Module):
 
             out = tensor_model_parallel_all_reduce(out)
         return out
-
-
-def _valid(experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    return torch.arange(experts.shape[1], device=experts.device)[None, :] < counts[:, None]
 
 
 def activation_name(act: nn.Module) -> str | None:

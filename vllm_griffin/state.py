@@ -74,6 +74,7 @@ class StepPlan:
     sparse_kmax: list[int] = field(default_factory=list)  # per layer
     sparse_counts: list[torch.Tensor] = field(default_factory=list)  # per layer, [T_sparse]
     sparse_ksum: list[int] = field(default_factory=list)  # per layer: sum of the sparse tokens' k
+    only_sparse: bool = False                  # every token decodes on experts (a pure decode step)
     finishing: list[RequestState] = field(default_factory=list)
     captures: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, new captured)
 
@@ -137,6 +138,9 @@ class GriffinState:
         self.acc_slots = SlotPool(8)
         # [layer, slot, neuron]: each slot's experts for a layer, first k valid.
         self.experts = torch.zeros(num_layers, self.slots.capacity, width, dtype=torch.int32, device=device)
+        # [layer, slot, neuron] the same experts as a mask, for the masked-dense path
+        # (one byte per neuron: a gather, instead of a scatter per layer and step).
+        self.masks = torch.zeros(num_layers, self.slots.capacity, width, dtype=torch.bool, device=device)
         # [layer, acc slot, neuron]: summed prompt contributions (only while prefilling).
         self.acc = torch.zeros(num_layers, self.acc_slots.capacity, width, dtype=torch.float32, device=device)
 
@@ -160,6 +164,7 @@ class GriffinState:
         slot, grew = self.slots.acquire()
         if grew:
             self.experts = _grow(self.experts, self.slots.capacity)
+            self.masks = _grow(self.masks, self.slots.capacity)
         state = RequestState(
             req_id=row.req_id,
             slot=slot,
@@ -234,6 +239,7 @@ class GriffinState:
         if capture_pos:
             plan.capture_pos, plan.capture_acc = to(capture_pos), to(capture_acc)
         if sparse_idx:
+            plan.only_sparse = not dense_idx
             plan.sparse_idx = to(sparse_idx)
             plan.sparse_slot = to([s.slot for s in sparse_req])
             distinct = {s.req_id: s for s in sparse_req}.values()
@@ -265,12 +271,20 @@ class GriffinState:
                 idx = algorithm.select_experts(stat, k, state.method, width=self.width, generator=gen,
                                                static_scores=self.static_scores[layer])
                 self.experts[layer, state.slot, :k] = idx.to(torch.int32)
+                self.masks[layer, state.slot] = False
+                self.masks[layer, state.slot, idx] = True
         for k, pairs in topk_groups.items():
             layers = torch.tensor([layer for layer, _ in pairs], device=self.device)
             acc = torch.tensor([s.acc_slot for _, s in pairs], device=self.device)
             slots = torch.tensor([s.slot for _, s in pairs], device=self.device)
             idx = algorithm.topk_experts_batched(self.acc[layers, acc], k)
             self.experts[layers, slots, :k] = idx.to(torch.int32)
+            rows = torch.zeros(len(pairs), self.width, dtype=torch.bool, device=self.device)
+            self.masks[layers, slots] = rows.scatter_(1, idx, True)
+
+    def sparse_masks(self, layer: int, plan: StepPlan) -> torch.Tensor:
+        """[T, D] bool: which neurons each of the step's sparse tokens keeps at ``layer``."""
+        return self.masks[layer, plan.sparse_slot]
 
     def sparse_experts(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts [T, kmax] int64, counts [T]) of the step's sparse tokens for ``layer``."""
