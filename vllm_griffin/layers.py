@@ -6,7 +6,8 @@ per step, three groups of tokens:
 
 * prompt tokens -- the full MLP, exactly as vLLM would; their activations
   feed the statistic (only those not yet counted);
-* generated tokens -- only their request's experts (batched gather-GEMM);
+* generated tokens -- only their request's experts, by the path ops.dispatch
+  picks for the step (expert kernels, or vLLM's GEMMs with per-row masks);
 * everything when no request needs GRIFFIN this step -- the original forward,
   bit for bit.
 
@@ -23,9 +24,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from vllm_griffin import algorithm
+from vllm_griffin import algorithm, ops
 from vllm_griffin.architectures import ArchSpec
-from vllm_griffin import ops
 from vllm_griffin.state import GriffinState, StepPlan
 
 _LAYERS: dict[str, "GriffinMLP"] = {}
