@@ -64,7 +64,7 @@ def select_experts(
     elif method == "magnitude":
         idx = torch.topk(static_scores, k).indices
     elif method == "random":
-        idx = torch.randperm(width, generator=generator, device="cpu")[:k].to(stat_device(stat_sum, static_scores))
+        idx = torch.randperm(width, generator=generator, device="cpu")[:k].to(_device_of(stat_sum, static_scores))
     elif method == "sample":
         idx = _sample(_sampling_weights(stat_sum), k, generator)
     elif method == "topk_sample":
@@ -85,7 +85,7 @@ def topk_experts_batched(stat_sums: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(stat_sums, k, dim=-1).indices.sort(dim=-1).values
 
 
-def stat_device(*tensors: torch.Tensor | None) -> torch.device:
+def _device_of(*tensors: torch.Tensor | None) -> torch.device:
     for t in tensors:
         if t is not None:
             return t.device

@@ -51,7 +51,6 @@ class ExpertWeights:
         return self.gate.shape[0]
 
 
-
 def experts_mlp_gather(x, weights: ExpertWeights, experts, counts, act_and_mul: ActAndMul) -> torch.Tensor:
     """Gather each row's gate/up rows and down columns, then batched GEMV."""
     if experts.shape[1] == 0:
