@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_griffin.ops import cpu_kernel
+from vllm_griffin.ops.reference import valid_entries
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,8 @@ def union_size(experts: torch.Tensor, counts: torch.Tensor, width: int) -> int:
     """Distinct neurons used by the rows (CPU tensors: cheap, no device sync)."""
     if experts.shape[0] == 1:
         return int(counts[0])
-    valid = torch.arange(experts.shape[1], device=experts.device)[None, :] < counts[:, None]
     used = torch.zeros(width + 1, dtype=torch.bool, device=experts.device)
-    used[torch.where(valid, experts, width).reshape(-1)] = True
+    used[torch.where(valid_entries(experts, counts), experts, width).reshape(-1)] = True
     return int(used[:width].sum())
 
 

@@ -59,7 +59,7 @@ def experts_mlp_gather(x, weights: ExpertWeights, experts, counts, act_and_mul: 
     gate = torch.bmm(weights.gate[experts], x.unsqueeze(-1)).squeeze(-1)          # [T, K]
     up = torch.bmm(weights.up[experts], x.unsqueeze(-1)).squeeze(-1)              # [T, K]
     h = act_and_mul(torch.cat([gate, up], dim=-1))                               # [T, K]
-    h = h * _valid(experts, counts).to(h.dtype)
+    h = h * valid_entries(experts, counts).to(h.dtype)
     return torch.bmm(h.unsqueeze(1), weights.down_t[experts]).squeeze(1)
 
 
@@ -70,11 +70,12 @@ def experts_mlp_masked(x, weights: ExpertWeights, experts, counts, act_and_mul: 
     width = z.shape[1]
     # Unused table entries (past a row's count) may repeat real experts, so
     # they are pointed at a spare column instead of writing zeros over them.
-    idx = torch.where(_valid(experts, counts), experts, width)
+    idx = torch.where(valid_entries(experts, counts), experts, width)
     mask = z.new_zeros(z.shape[0], width + 1).scatter_(1, idx, 1.0)[:, :width]
     return (z * mask) @ weights.down_t
 
 
-def _valid(experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def valid_entries(experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[T, K] bool: which expert-table entries are real (the first counts[t] of row t)."""
     positions = torch.arange(experts.shape[1], device=experts.device)
     return positions.unsqueeze(0) < counts.unsqueeze(1)
