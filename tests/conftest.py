@@ -4,8 +4,10 @@ and hands the same one to every test that asks for the same settings."""
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,21 @@ import torch
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One vLLM engine (or server) at a time on this machine, across processes too:
+# every engine a test starts holds this lock (shell scripts: `flock $ENGINE_LOCK ...`).
+ENGINE_LOCK = os.environ.get("VLLM_GRIFFIN_ENGINE_LOCK", "/tmp/vllm-griffin-engine.lock")
+
+
+@contextmanager
+def engine_lock():
+    with open(ENGINE_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
 
 # Settings every test engine shares: CPU-sized and float32, so GRIFFIN can be
 # compared token for token with the float32 oracle.
@@ -28,6 +45,7 @@ class Engines:
     def __init__(self):
         self.key = None
         self.llm = None
+        self._lock = None
 
     def get(self, key: str, *, env: dict[str, str] | None = None, **kwargs):
         if key == self.key:
@@ -37,8 +55,13 @@ class Engines:
 
         saved = {name: os.environ.get(name) for name in (env or {})}
         os.environ.update(env or {})
+        self._lock = engine_lock()
+        self._lock.__enter__()
         try:
             self.llm = LLM(**{**BASE_ENGINE, **kwargs})
+        except BaseException:
+            self._release()
+            raise
         finally:
             for name, value in saved.items():
                 if value is None:
@@ -56,6 +79,12 @@ class Engines:
                 self.llm = None
                 self.key = None
                 gc.collect()
+                self._release()
+
+    def _release(self):
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
 
 @pytest.fixture(scope="session")

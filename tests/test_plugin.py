@@ -63,7 +63,10 @@ def test_unsupported_architecture_lists_the_supported_ones(engines, tmp_path):
 @pytest.mark.slow
 def test_make_demo_runs_to_the_end(engines):
     engines.close()  # the demo starts its own engine; never two at once
-    proc = subprocess.run(["make", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    from conftest import engine_lock
+
+    with engine_lock():
+        proc = subprocess.run(["make", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "demo finished" in proc.stdout
     assert proc.stdout.count("GRIFFIN (density 0.5)") >= 3
