@@ -45,52 +45,88 @@ def active_plan(plan: StepPlan | None) -> Iterator[None]:
 
 
 class GriffinMLP(nn.Module):
-    def __init__(self, mlp: nn.Module, spec: ArchSpec, layer_index: int, layer_name: str, state: GriffinState):
+    """``host`` is the architecture's MLP module (which this replaces) or, for an
+    inline feed-forward block (OPT), the decoder layer itself (see :func:`install`)."""
+
+    def __init__(self, host: nn.Module, spec: ArchSpec, layer_index: int, layer_name: str, state: GriffinState):
         super().__init__()
         self.spec = spec
         self.layer_index = layer_index
         self.layer_name = layer_name
         self.state = state
-        for attr in (spec.gate_up, spec.down, spec.act):
-            setattr(self, attr, getattr(mlp, attr))
-        # The untouched forward: used whenever no token needs GRIFFIN.
-        self.dense_forward = mlp.forward
-        self.activation = activation_name(self.act)
+        gate_up, down, act = (getattr(host, attr) for attr in (spec.gate_up, spec.down, spec.act))
+        # A plain tuple, so the modules are not registered a second time under this one.
+        self._modules_used = (gate_up, down, act)
+        if spec.mlp is not None:
+            # Adopt the MLP's modules under their own names: checkpoints, LoRA names
+            # and ``reload_weights`` see the same parameters.
+            for attr in (spec.gate_up, spec.down, spec.act):
+                setattr(self, attr, getattr(host, attr))
+            self._gate_up_fn, self._down_fn, self._act_fn = gate_up, down, act
+            # The untouched forward: used whenever no token needs GRIFFIN.
+            self.dense_forward = host.forward
+        else:
+            # The modules stay in the decoder layer, whose own calls install()
+            # reroutes; here they run through their classes' forwards.
+            self._gate_up_fn, self._down_fn, self._act_fn = (_class_forward(m) for m in (gate_up, down, act))
+            self.dense_forward = self._inline_dense_forward
+        self.activation = activation_name(act) if spec.gated else None
         # Gather-friendly copy of the weights (ops.ExpertWeights), built when vLLM
         # post-processes the loaded weights (on CPU it then repacks them for
         # oneDNN and drops the plain ones, so this is the only plain copy).
         self.expert_weights: ops.ExpertWeights | None = None
-        self._w_gate_up: torch.Tensor | None = None
-        _on_weights_processed(self.gate_up, self._keep_gate_up)
-        _on_weights_processed(self.down, self._keep_down)
+        self._gate_up_loaded: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        _on_weights_processed(gate_up, self._keep_gate_up)
+        _on_weights_processed(down, self._keep_down)
         _LAYERS[layer_name] = self
 
     @property
     def gate_up(self) -> nn.Module:
-        return getattr(self, self.spec.gate_up)
+        return self._modules_used[0]
 
     @property
     def down(self) -> nn.Module:
-        return getattr(self, self.spec.down)
+        return self._modules_used[1]
 
     @property
     def act(self) -> nn.Module:
-        return getattr(self, self.spec.act)
+        return self._modules_used[2]
 
-    def _keep_gate_up(self, weight: torch.Tensor) -> None:
-        self._w_gate_up = weight
-        width = weight.shape[0] // 2
-        self.state.static_scores[self.layer_index] = algorithm.magnitude_scores(weight[:width], weight[width:])
+    def _inline_dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self._gate_up_fn(x)
+        out, _ = self._down_fn(self._act_fn(h))
+        return out
 
-    def _keep_down(self, weight: torch.Tensor) -> None:
+    def _keep_gate_up(self, linear: nn.Module) -> None:
+        weight, bias = linear.weight.detach(), _bias_of(linear)
+        self._gate_up_loaded = (weight, bias)
+        if self.spec.gated:
+            width = weight.shape[0] // 2
+            scores = algorithm.magnitude_scores(weight[:width], weight[width:])
+        else:
+            scores = algorithm.magnitude_scores(weight, None)
+        self.state.static_scores[self.layer_index] = scores
+
+    def _keep_down(self, linear: nn.Module) -> None:
         # vLLM processes gate_up before down (module order), so both are here now.
-        if weight.device.type == "cpu":
+        (w_gate_up, b_gate_up), weight = self._gate_up_loaded, linear.weight.detach()
+        # A row-parallel linear adds its bias once, on rank 0, before the all-reduce.
+        b_down = _bias_of(linear) if getattr(linear, "tp_rank", 0) == 0 else None
+        if not self.spec.gated:
+            weights = ops.ExpertWeights.ungated(w_gate_up, weight, b_gate_up, b_down)
+        elif weight.device.type == "cpu":
             # One [D, 3, H] block: a neuron's three rows are adjacent (one stream).
-            self.expert_weights = ops.ExpertWeights.interleaved(self._w_gate_up, weight)
+            weights = ops.ExpertWeights.interleaved(w_gate_up, weight)
         else:
             # GPUs keep vLLM's gate_up rows as they are; only down is transposed.
-            self.expert_weights = ops.ExpertWeights.separate(self._w_gate_up, weight.t().contiguous())
-        self._w_gate_up = None
+            weights = ops.ExpertWeights.separate(w_gate_up, weight.t().contiguous())
+        if self.spec.gated and (b_gate_up is not None or b_down is not None):
+            width = weights.width
+            weights.gate_bias = None if b_gate_up is None else b_gate_up[:width]
+            weights.up_bias = None if b_gate_up is None else b_gate_up[width:]
+            weights.down_bias = b_down
+        self.expert_weights = weights
+        self._gate_up_loaded = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.vllm.griffin_mlp(x, self.layer_name)
@@ -101,21 +137,21 @@ class GriffinMLP(nn.Module):
             return self.dense_forward(x)
         state, layer = self.state, self.layer_index
         if plan.dense_idx is None:  # only prompt tokens: the full MLP, capturing on the way
-            gate_up, _ = self.gate_up(x)
-            z = self.act(gate_up)
+            gate_up, _ = self._gate_up_fn(x)
+            z = self._act_fn(gate_up)
             state.capture(layer, z.index_select(0, plan.capture_pos), plan)
-            out, _ = self.down(z)
+            out, _ = self._down_fn(z)
             return out
         if plan.only_sparse and x.shape[0] == plan.num_tokens:  # a pure decode step: no copies
             return self._run_experts(x, plan)
         out = torch.empty_like(x)
         dense_idx = _with_padding(plan, x.shape[0])
         if dense_idx.numel():
-            gate_up, _ = self.gate_up(x.index_select(0, dense_idx))
-            z = self.act(gate_up)
+            gate_up, _ = self._gate_up_fn(x.index_select(0, dense_idx))
+            z = self._act_fn(gate_up)
             if plan.capture_pos is not None:
                 state.capture(layer, z.index_select(0, plan.capture_pos), plan)
-            dense_out, _ = self.down(z)
+            dense_out, _ = self._down_fn(z)
             out.index_copy_(0, dense_idx, dense_out)
         out.index_copy_(0, plan.sparse_idx, self._run_experts(x.index_select(0, plan.sparse_idx), plan))
         return out
@@ -135,9 +171,9 @@ class GriffinMLP(nn.Module):
         self.state.record_path(path, union, rows)
         if path == "masked":
             # vLLM's own GEMMs (and its tensor-parallel reduction), experts kept per row.
-            gate_up, _ = self.gate_up(xs)
-            z = self.act(gate_up)
-            out, _ = self.down(z.mul_(self.state.sparse_masks(layer, plan)))
+            gate_up, _ = self._gate_up_fn(xs)
+            z = self._act_fn(gate_up)
+            out, _ = self._down_fn(z.mul_(self.state.sparse_masks(layer, plan)))
             return out
         if path in ("rows", "union"):
             from vllm_griffin.ops.cpu_kernel import experts_mlp_cpu
@@ -148,7 +184,7 @@ class GriffinMLP(nn.Module):
 
             out = experts_mlp_triton(xs, self.expert_weights, experts, counts, self.activation)
         else:
-            out = ops.experts_mlp_gather(xs, self.expert_weights, experts, counts, self.act).to(xs.dtype)
+            out = ops.experts_mlp_gather(xs, self.expert_weights, experts, counts, self._act_fn).to(xs.dtype)
         if getattr(self.down, "tp_size", 1) > 1 and getattr(self.down, "reduce_results", True):
             from vllm.distributed import tensor_model_parallel_all_reduce
 
@@ -167,16 +203,28 @@ def activation_name(act: nn.Module) -> str | None:
 
 
 def _on_weights_processed(linear: nn.Module, keep) -> None:
-    """Call ``keep(weight)`` with the loaded weight just before vLLM post-processes it."""
+    """Call ``keep(linear)`` with the weights loaded, just before vLLM post-processes them."""
     method = linear.quant_method
     original = method.process_weights_after_loading
 
     def process_weights_after_loading(layer: nn.Module) -> None:
         if layer is linear:
-            keep(layer.weight.detach())
+            keep(layer)
         original(layer)
 
     method.process_weights_after_loading = process_weights_after_loading
+
+
+def _bias_of(linear: nn.Module) -> torch.Tensor | None:
+    bias = getattr(linear, "bias", None)
+    if bias is None or getattr(linear, "skip_bias_add", False):
+        return None
+    return bias.detach()
+
+
+def _class_forward(module: nn.Module):
+    """The module's forward as its class defines it (the instance's may be rerouted)."""
+    return type(module).forward.__get__(module)
 
 
 def _with_padding(plan: StepPlan, total: int) -> torch.Tensor:
@@ -211,24 +259,45 @@ def decoder_layers(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
 
 
 def install(model: nn.Module, spec: ArchSpec, make_state) -> GriffinState:
-    """Swap every decoder layer's MLP for a GriffinMLP, before weights load.
+    """Put a GriffinMLP in every decoder layer's feed-forward block, before weights load.
 
     ``make_state(num_layers, width, device)`` builds the shared state once the
     shapes are known. Layers this pipeline rank does not hold are skipped.
     """
     register_op()
     layers = decoder_layers(model, spec)
-    owned = [(i, layer) for i, layer in enumerate(layers) if hasattr(layer, spec.mlp)]
+    owned = [(i, _ffn_host(layer, spec)) for i, layer in enumerate(layers)]
+    owned = [(i, host) for i, host in owned if host is not None]
     if not owned:
-        raise RuntimeError(f"GRIFFIN found no '{spec.mlp}' modules under '{spec.layers}'")
-    first = getattr(owned[0][1], spec.mlp)
+        raise RuntimeError(f"GRIFFIN found no '{spec.mlp or spec.down}' modules under '{spec.layers}'")
+    first = owned[0][1]
     _check_unquantized(first, spec)
     down_w = getattr(first, spec.down).weight
     state = make_state(len(layers), down_w.shape[1], down_w.device)
-    for i, layer in owned:
-        name = f"{spec.layers}.{i}.{spec.mlp}"
-        setattr(layer, spec.mlp, GriffinMLP(getattr(layer, spec.mlp), spec, i, name, state))
+    for i, host in owned:
+        if spec.mlp is not None:
+            name = f"{spec.layers}.{i}.{spec.mlp}"
+            setattr(layers[i], spec.mlp, GriffinMLP(host, spec, i, name, state))
+        else:
+            _reroute_inline(host, GriffinMLP(host, spec, i, f"{spec.layers}.{i}", state), spec)
     return state
+
+
+def _ffn_host(layer: nn.Module, spec: ArchSpec) -> nn.Module | None:
+    if spec.mlp is None:
+        return layer if hasattr(layer, spec.down) else None
+    return getattr(layer, spec.mlp, None)
+
+
+def _reroute_inline(layer: nn.Module, griffin: GriffinMLP, spec: ArchSpec) -> None:
+    """The layer calls ``x, _ = fc1(x); x = act(x); x, _ = fc2(x)``: fc1 and the
+    activation become pass-throughs and fc2 runs the whole GriffinMLP. The
+    linears keep their names and parameters; only these instances' forwards change."""
+    setattr(layer, spec.act, nn.Identity())  # vLLM shares activation modules between layers
+    getattr(layer, spec.gate_up).forward = lambda x: (x, None)
+    getattr(layer, spec.down).forward = lambda x: (griffin(x), None)
+    # Reachable for inspection, without registering its modules a second time.
+    layer.__dict__["griffin_mlp"] = griffin
 
 
 def _check_unquantized(mlp: nn.Module, spec: ArchSpec) -> None:

@@ -99,7 +99,8 @@ def union_size(experts: torch.Tensor, counts: torch.Tensor, width: int) -> int:
 
 
 def kernel_supports(weights, activation: str | None) -> bool:
-    if weights is None or activation is None:
+    # The kernels run gated MLPs without biases; the rest (OPT) takes the torch paths.
+    if weights is None or activation is None or not weights.gated or weights.has_bias:
         return False
     if weights.gate.device.type == "cpu":
         return cpu_kernel.supports(weights, activation)

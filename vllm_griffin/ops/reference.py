@@ -3,10 +3,14 @@
 Shapes (one layer, one tensor-parallel rank):
     x          [T, H]      decode tokens
     weights    ExpertWeights: gate [D, H], up [D, H], down_t [D, H] (the down
-               projection transposed, so an expert's column is a row)
+               projection transposed, so an expert's column is a row); a
+               non-gated MLP (OPT: relu(fc1 x)) has no ``up`` and ``gate`` is
+               fc1; optional biases: gate_bias/up_bias [D] (gathered with the
+               experts) and down_bias [H] (added whole)
     experts    [T, K]      int64 neuron indices per row; row t uses the first counts[t]
     counts     [T]         int64, 0 <= counts[t] <= K
     act_and_mul            the model's own activation module, [.., 2n] -> [.., n]
+                           (non-gated: the plain activation, [.., n] -> [.., n])
 Returns [T, H] -- the rank's partial sum (tensor-parallel reduction is the caller's).
 Both functions give the same numbers up to float summation order.
 """
@@ -25,10 +29,23 @@ class ExpertWeights:
     up and down-transposed rows at ``gate[j]``, ``up[j]``, ``down_t[j]`` ([D, H]
     views sharing one row stride)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor):
-        assert gate.shape == up.shape == down_t.shape and gate.dtype == up.dtype == down_t.dtype
-        assert gate.stride() == up.stride() == down_t.stride() and gate.stride(1) == 1
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor | None, down_t: torch.Tensor, *,
+                 gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
+                 down_bias: torch.Tensor | None = None):
+        assert gate.shape == down_t.shape and gate.dtype == down_t.dtype
+        assert gate.stride() == down_t.stride() and gate.stride(1) == 1
+        if up is not None:
+            assert up.shape == gate.shape and up.dtype == gate.dtype and up.stride() == gate.stride()
         self.gate, self.up, self.down_t = gate, up, down_t
+        self.gate_bias, self.up_bias, self.down_bias = gate_bias, up_bias, down_bias
+
+    @property
+    def gated(self) -> bool:
+        return self.up is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return any(b is not None for b in (self.gate_bias, self.up_bias, self.down_bias))
 
     @classmethod
     def interleaved(cls, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> "ExpertWeights":
@@ -46,6 +63,15 @@ class ExpertWeights:
         width = w_down_t.shape[0]
         return cls(w_gate_up[:width], w_gate_up[width:], w_down_t)
 
+    @classmethod
+    def ungated(cls, w_fc1: torch.Tensor, w_fc2: torch.Tensor, fc1_bias: torch.Tensor | None,
+                fc2_bias: torch.Tensor | None) -> "ExpertWeights":
+        """A plain MLP, act(fc1 x + b1) -> fc2: one [D, 2, H] block (fc1 row, fc2 column)."""
+        block = torch.empty(w_fc1.shape[0], 2, w_fc1.shape[1], dtype=w_fc1.dtype, device=w_fc1.device)
+        block[:, 0].copy_(w_fc1)
+        block[:, 1].copy_(w_fc2.t())
+        return cls(block[:, 0], None, block[:, 1], gate_bias=fc1_bias, down_bias=fc2_bias)
+
     @property
     def width(self) -> int:
         return self.gate.shape[0]
@@ -56,23 +82,41 @@ def experts_mlp_gather(x, weights: ExpertWeights, experts, counts, act_and_mul: 
     if experts.shape[1] == 0:
         return x.new_zeros(x.shape[0], weights.down_t.shape[1])
     x = x.to(weights.gate.dtype)
-    gate = torch.bmm(weights.gate[experts], x.unsqueeze(-1)).squeeze(-1)          # [T, K]
-    up = torch.bmm(weights.up[experts], x.unsqueeze(-1)).squeeze(-1)              # [T, K]
-    h = act_and_mul(torch.cat([gate, up], dim=-1))                               # [T, K]
+
+    def project(w, bias):  # [T, K]: each row's experts' rows of w times that row's x
+        y = torch.bmm(w[experts], x.unsqueeze(-1)).squeeze(-1)
+        return y if bias is None else y + bias[experts]
+
+    gate = project(weights.gate, weights.gate_bias)
+    if weights.gated:
+        h = act_and_mul(torch.cat([gate, project(weights.up, weights.up_bias)], dim=-1))
+    else:
+        h = act_and_mul(gate)
     h = h * valid_entries(experts, counts).to(h.dtype)
-    return torch.bmm(h.unsqueeze(1), weights.down_t[experts]).squeeze(1)
+    out = torch.bmm(h.unsqueeze(1), weights.down_t[experts]).squeeze(1)
+    return out if weights.down_bias is None else out + weights.down_bias
 
 
 def experts_mlp_masked(x, weights: ExpertWeights, experts, counts, act_and_mul: ActAndMul) -> torch.Tensor:
     """Dense GEMMs with every non-expert neuron zeroed per row."""
     x = x.to(weights.gate.dtype)
-    z = act_and_mul(torch.cat([x @ weights.gate.t(), x @ weights.up.t()], dim=-1))  # [T, D]
+
+    def project(w, bias):  # [T, D]
+        y = x @ w.t()
+        return y if bias is None else y + bias
+
+    gate = project(weights.gate, weights.gate_bias)
+    if weights.gated:
+        z = act_and_mul(torch.cat([gate, project(weights.up, weights.up_bias)], dim=-1))
+    else:
+        z = act_and_mul(gate)
     width = z.shape[1]
     # Unused table entries (past a row's count) may repeat real experts, so
     # they are pointed at a spare column instead of writing zeros over them.
     idx = torch.where(valid_entries(experts, counts), experts, width)
     mask = z.new_zeros(z.shape[0], width + 1).scatter_(1, idx, 1.0)[:, :width]
-    return (z * mask) @ weights.down_t
+    out = (z * mask) @ weights.down_t
+    return out if weights.down_bias is None else out + weights.down_bias
 
 
 def valid_entries(experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
