@@ -23,7 +23,7 @@ import os
 from typing import Any
 
 from vllm_griffin.architectures import spec_for
-from vllm_griffin.config import CONFIG_KEY, GriffinConfig, GriffinConfigError, parse_request_options
+from vllm_griffin.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
 
 logger = logging.getLogger("vllm.griffin")
 
@@ -58,6 +58,9 @@ def register() -> None:
     """Entry point of the ``griffin`` general plugin; safe to call many times."""
     from vllm.engine.arg_utils import EngineArgs
 
+    from vllm_griffin.serving import install_cli_hooks
+
+    install_cli_hooks()  # `vllm serve --plugin griffin [--griffin-density D]`
     original = EngineArgs.create_engine_config
     if getattr(original, "_griffin_wrapped", False):
         return
@@ -94,6 +97,9 @@ def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *ar
         vllm_config.additional_config[BASE_WORKER_KEY] = parallel.worker_cls
         parallel.worker_cls = f"{GriffinWorker.__module__}.{GriffinWorker.__qualname__}"
     _install_request_validation()
+    from vllm_griffin.metrics import install_frontend_hooks
+
+    install_frontend_hooks(vllm_config)  # API server: vllm:griffin_* on /metrics
     logger.info("GRIFFIN on: density=%s method=%s%s", cfg.density, cfg.method,
                 " (per-layer densities)" if cfg.densities else "")
     return vllm_config
@@ -134,20 +140,21 @@ def _install_request_validation() -> None:
     @functools.wraps(original)
     def _validate_params(self, params, *args, **kwargs):
         result = original(self, params, *args, **kwargs)
-        if CONFIG_KEY in (self.vllm_config.additional_config or {}):
-            validate_sampling_params(params)
+        cfg = GriffinConfig.from_additional_config(self.vllm_config.additional_config)
+        if cfg is not None:
+            from vllm_griffin.metrics import observe_request
+
+            observe_request(cfg, validate_sampling_params(params))
         return result
 
     _validate_params._griffin_wrapped = True
     InputProcessor._validate_params = _validate_params
 
 
-def validate_sampling_params(params: Any) -> None:
-    extra_args = getattr(params, "extra_args", None)
-    if not extra_args:
-        return
+def validate_sampling_params(params: Any) -> RequestOptions:
+    """The request's GRIFFIN options; a bad value raises vLLM's validation error (HTTP 400)."""
     try:
-        parse_request_options(extra_args)
+        return parse_request_options(getattr(params, "extra_args", None))
     except GriffinConfigError as exc:
         from vllm.exceptions import VLLMValidationError
 
@@ -208,6 +215,12 @@ class _GriffinWorkerMixin:
             "slot_capacity": state.slots.capacity,
             "decode_paths": dict(state.path_counts),
             "mean_union_fraction": state.union_fraction_sum / max(1, state.union_samples),
+            "union_fraction_sum": state.union_fraction_sum,
+            "union_samples": state.union_samples,
+            "capture_seconds": state.capture_seconds,
+            "select_seconds": state.select_seconds,
+            "restarts": state.restarts,
+            "multi_token_decode_rows": state.multi_token_decode_rows,
         }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -59,6 +60,7 @@ class RequestState:
     captured: int = 0            # prompt tokens already in the accumulator
     selected: bool = False
     acc_slot: int | None = None
+    reached: int = 0             # most tokens this request has had scheduled (resume detection)
 
 
 @dataclass
@@ -134,6 +136,13 @@ class GriffinState:
         self.path_counts: dict[str, int] = {}
         self.union_fraction_sum = 0.0
         self.union_samples = 0
+        # Host seconds spent on the statistic and on selection (metrics; on GPUs: launch time).
+        self.capture_seconds = 0.0
+        self.select_seconds = 0.0
+        # Engine-feature counters: requests recomputed from token 0 (preemption),
+        # and decode rows carrying several tokens (speculative decoding).
+        self.restarts = 0
+        self.multi_token_decode_rows = 0
         self.slots = SlotPool(max(1, max_seqs))
         self.acc_slots = SlotPool(8)
         # [layer, slot, neuron]: each slot's experts for a layer, first k valid.
@@ -202,6 +211,11 @@ class GriffinState:
         for row in rows:
             state = self.requests.get(row.req_id) or self.admit(row)
             start, end = row.num_computed, row.num_computed + row.num_scheduled
+            if start == 0 and state.reached > 0:
+                self.restarts += 1  # resumed after preemption: recomputes its tokens
+            state.reached = max(state.reached, end)
+            if start >= state.prompt_len and row.num_scheduled > 1:
+                self.multi_token_decode_rows += 1  # draft tokens: verified on the request's experts
             prompt_end = min(end, state.prompt_len)
             if state.dense or start >= state.prompt_len and not state.selected:
                 # Dense requests; or (never expected) output tokens without experts:
@@ -250,8 +264,10 @@ class GriffinState:
 
     def capture(self, layer: int, z: torch.Tensor, plan: StepPlan) -> None:
         """Add the captured tokens' contributions (``z`` = their activations) into the accumulator."""
+        start = time.perf_counter()
         contrib = algorithm.prompt_contributions(z)
         self.acc[layer].index_add_(0, plan.capture_acc, contrib)
+        self.capture_seconds += time.perf_counter() - start
 
     def select(self, plan: StepPlan) -> None:
         """Pick every layer's experts for the requests whose prompt completed this step.
@@ -303,7 +319,9 @@ class GriffinState:
         for state, captured in plan.captures:
             state.captured = max(state.captured, captured)
         if plan.finishing:
+            start = time.perf_counter()
             self.select(plan)
+            self.select_seconds += time.perf_counter() - start
         for state in plan.finishing:
             state.selected = True
             self._free_acc(state)

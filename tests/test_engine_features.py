@@ -1,0 +1,124 @@
+"""GRIFFIN under vLLM's engine features, on real engines with the tiny random Llama
+(float32, CPU): preemption with recompute, speculative decoding (ngram), tensor
+parallelism.
+
+Reference for all of them: each request run alone on a plain GRIFFIN engine
+("reference"), its greedy tokens and its exported experts; the experts are also
+held to the from-the-paper oracle. Tests are ordered so each engine starts once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import hf_model
+from tests.oracle import griffin_generate
+from tests.test_engine_tiny import make_prompts, params, tokens_prompt
+from vllm_griffin.export import read_experts
+
+pytestmark = pytest.mark.slow
+
+DENSITY = 0.5
+MAX_TOKENS = 40
+# Four prompts of 40-70 tokens, each growing to 80-110 tokens: alone each fits the
+# preemption engine's KV cache, together they cannot.
+PREEMPT_LENGTHS = [40, 55, 70, 48]
+
+
+def engine_kwargs(model_dir, **extra):
+    base = dict(model=str(model_dir), skip_tokenizer_init=True, max_model_len=256,
+                max_num_batched_tokens=32, max_num_seqs=8,
+                additional_config={"griffin": {"density": DENSITY}})
+    return {**base, **extra}
+
+
+def run(llm, prompts, max_tokens=MAX_TOKENS):
+    """Greedy token ids per prompt, and the request ids vLLM reported."""
+    sampling = params(max_tokens)
+    outs = llm.generate([tokens_prompt(p) for p in prompts], [sampling] * len(prompts), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], [o.request_id for o in outs]
+
+
+def experts(export_dir, request_id):
+    layers, meta = read_experts(export_dir / f"{request_id}.safetensors")
+    return [e.tolist() for e in layers]
+
+
+def worker_stats(llm):
+    return llm.collective_rpc("griffin_stats")
+
+
+def metric(llm, name):
+    return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == name)
+
+
+@pytest.fixture(scope="module")
+def export_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("feature-experts")
+
+
+_reference: dict[str, tuple[list[int], list[list[int]]]] = {}
+
+
+def reference(engines, model_dir, export_root, prompts):
+    """(tokens, experts) of each prompt run alone on a GRIFFIN engine with a roomy KV cache."""
+    missing = [p for p in prompts if str(p) not in _reference]
+    if missing:
+        folder = export_root / "reference"
+        llm = engines.get("features-reference", env={"VLLM_GRIFFIN_EXPORT_DIR": str(folder)},
+                          **engine_kwargs(model_dir))
+        for prompt in missing:
+            (tokens,), (rid,) = run(llm, [prompt])
+            _reference[str(prompt)] = (tokens, experts(folder, rid))
+    return [_reference[str(p)] for p in prompts]
+
+
+# --- preemption -----------------------------------------------------------------------------
+
+def test_preempted_requests_keep_their_experts_and_tokens(engines, tiny_llama_dir, export_root):
+    prompts = make_prompts(PREEMPT_LENGTHS, seed=11)
+    want = reference(engines, tiny_llama_dir, export_root, prompts)
+    model = hf_model(tiny_llama_dir)
+    for prompt, (_, want_experts) in zip(prompts, want):
+        oracle = griffin_generate(model, prompt, DENSITY, max_new_tokens=1).experts
+        assert want_experts == [e.tolist() for e in oracle]
+
+    folder = export_root / "preempt"
+    # 6 blocks of 32 tokens, one reserved by vLLM: 160 token slots; the four requests need ~400 together.
+    llm = engines.get("features-preempt", env={"VLLM_GRIFFIN_EXPORT_DIR": str(folder)},
+                      **engine_kwargs(tiny_llama_dir, block_size=32, num_gpu_blocks_override=6,
+                                      max_model_len=160, disable_log_stats=False))
+    tokens, rids = run(llm, prompts)
+    assert metric(llm, "vllm:num_preemptions") > 0, "the KV cache was meant to force preemption"
+    (stats,) = worker_stats(llm)
+    assert stats["restarts"] > 0 and stats["slots_in_use"] == 0
+    for i, (got, rid, (want_tokens, want_experts)) in enumerate(zip(tokens, rids, want)):
+        assert got == want_tokens, f"prompt {i}"
+        # Exported once, when the prompt completed; a recompute never re-selects.
+        assert experts(folder, rid) == want_experts, f"prompt {i}"
+
+
+# --- speculative decoding -------------------------------------------------------------------
+
+def repetitive_prompts():
+    # Repeated n-grams give the ngram proposer drafts from the first decode step.
+    base = make_prompts([6, 9, 5], seed=12)
+    return [p * 6 for p in base]
+
+
+def test_ngram_spec_decode_equals_plain_decode(engines, tiny_llama_dir, export_root):
+    prompts = repetitive_prompts()
+    want = reference(engines, tiny_llama_dir, export_root, prompts)
+    folder = export_root / "spec"
+    llm = engines.get("features-spec", env={"VLLM_GRIFFIN_EXPORT_DIR": str(folder)},
+                      **engine_kwargs(tiny_llama_dir, disable_log_stats=False, speculative_config={
+                          "method": "ngram", "num_speculative_tokens": 3,
+                          "prompt_lookup_min": 2, "prompt_lookup_max": 4}))
+    tokens, rids = run(llm, prompts)
+    assert metric(llm, "vllm:spec_decode_num_draft_tokens") > 0
+    assert metric(llm, "vllm:spec_decode_num_accepted_tokens") > 0
+    (stats,) = worker_stats(llm)
+    assert stats["multi_token_decode_rows"] > 0
+    for i, (got, rid, (want_tokens, want_experts)) in enumerate(zip(tokens, rids, want)):
+        assert got == want_tokens, f"prompt {i}"
+        assert experts(folder, rid) == want_experts, f"prompt {i}"
