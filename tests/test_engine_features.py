@@ -122,3 +122,22 @@ def test_ngram_spec_decode_equals_plain_decode(engines, tiny_llama_dir, export_r
     for i, (got, rid, (want_tokens, want_experts)) in enumerate(zip(tokens, rids, want)):
         assert got == want_tokens, f"prompt {i}"
         assert experts(folder, rid) == want_experts, f"prompt {i}"
+
+
+# --- tensor parallelism ---------------------------------------------------------------------
+
+def test_tensor_parallel_selects_the_single_device_experts(engines, tiny_llama_dir, export_root):
+    prompts = make_prompts([12, 33, 50], seed=13)
+    want = reference(engines, tiny_llama_dir, export_root, prompts)
+    folder = export_root / "tp2"
+    # One CPU core per rank; each rank holds half of every layer's 384 FF neurons.
+    llm = engines.get("features-tp2", env={"VLLM_GRIFFIN_EXPORT_DIR": str(folder),
+                                           "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                      **engine_kwargs(tiny_llama_dir, tensor_parallel_size=2))
+    tokens, rids = run(llm, prompts, max_tokens=16)
+    stats = worker_stats(llm)
+    assert len(stats) == 2 and all(s["slots_in_use"] == 0 for s in stats)
+    for i, (got, rid, (want_tokens, want_experts)) in enumerate(zip(tokens, rids, want)):
+        # Exported by rank 0 as global indices: the same experts as one device picks.
+        assert experts(folder, rid) == want_experts, f"prompt {i}"
+        assert got == want_tokens[:16], f"prompt {i}"

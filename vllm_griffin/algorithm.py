@@ -27,11 +27,17 @@ def num_experts(density: float, width: int) -> int:
     return int(width * density)
 
 
-def prompt_contributions(z: torch.Tensor) -> torch.Tensor:
-    """Per-token ``z**2 / ||z||**2`` in float32; rows sum to 1 (0 for an all-zero row)."""
+def prompt_contributions(z: torch.Tensor, sq_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token ``z**2 / ||z||**2`` in float32; rows sum to 1 (0 for an all-zero row).
+
+    ``sq_norms`` ([T, 1], ``||z_t||**2``) is given when ``z`` holds only some of
+    the neurons (a tensor-parallel rank's slice): the norm is over all of them.
+    """
     sq = z.float().square()
+    if sq_norms is None:
+        sq_norms = sq.sum(dim=-1, keepdim=True)
     # An all-zero row (possible with ReLU) contributes nothing instead of NaN.
-    return sq / sq.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return sq / sq_norms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def magnitude_scores(w_gate: torch.Tensor, w_up: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,10 @@ from typing import Any, Mapping
 from vllm_griffin.algorithm import METHODS
 
 CONFIG_KEY = "griffin"
-ENGINE_KEYS = ("density", "method", "densities", "seed")
+ENGINE_KEYS = ("density", "method", "densities", "seed", "tp_selection")
+# Tensor parallelism: "global" = the exact top-k over all ranks' neurons (what one
+# device selects); "per_rank" = floor(density * D/tp) from each rank's own slice.
+TP_SELECTIONS = ("global", "per_rank")
 REQUEST_KEYS = ("density", "method")
 # Flat spelling for the OpenAI server's `vllm_xargs`, which only carries scalars.
 FLAT_PREFIX = "griffin_"
@@ -48,6 +51,7 @@ class GriffinConfig:
     densities: tuple[float, ...] | None = None
     # Seeds the random/sampling baselines (a request's own `seed` takes precedence).
     seed: int = 0
+    tp_selection: str = "global"
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> GriffinConfig | None:
@@ -78,6 +82,10 @@ class GriffinConfig:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise GriffinConfigError("seed", seed, "an integer", where)
             kwargs["seed"] = seed
+        if "tp_selection" in raw:
+            if raw["tp_selection"] not in TP_SELECTIONS:
+                raise GriffinConfigError("tp_selection", raw["tp_selection"], ", ".join(TP_SELECTIONS), where)
+            kwargs["tp_selection"] = raw["tp_selection"]
         return cls(**kwargs)
 
     def check_num_layers(self, num_layers: int) -> None:

@@ -271,6 +271,22 @@ class GriffinRunnerMixin:
             self.griffin.release(req_id)
 
 
+def _tensor_parallel(cfg):
+    """This worker's TP rank and collectives for GRIFFIN, or None on a single device."""
+    from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                                  tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce)
+
+    from vllm_griffin.state import TensorParallel
+
+    size = get_tensor_model_parallel_world_size()
+    if size == 1:
+        return None
+    return TensorParallel(rank=get_tensor_model_parallel_rank(), size=size,
+                          all_reduce=tensor_model_parallel_all_reduce,
+                          all_gather=lambda t: tensor_model_parallel_all_gather(t, dim=-1),
+                          selection=cfg.tp_selection)
+
+
 def _install_on_model(model, spec, cfg, vllm_config):
     from vllm.distributed import get_tensor_model_parallel_rank
 
@@ -284,6 +300,7 @@ def _install_on_model(model, spec, cfg, vllm_config):
             max_seqs=vllm_config.scheduler_config.max_num_seqs,
             export_dir=export_dir_from_env(),
             export_enabled=get_tensor_model_parallel_rank() == 0,
+            tp=_tensor_parallel(cfg),
         )
 
     state = install(model, spec, make_state)

@@ -162,7 +162,11 @@ class GriffinMLP(nn.Module):
         products, kmax = plan.sparse_ksum[layer], plan.sparse_kmax[layer]
         kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
         experts = counts = union = None
-        if kernel_ok and not ops.kernel_can_win(xs.device, rows, width, kmax, products):
+        if kmax == 0:
+            # Under TP's global top-k a rank may hold none of these rows' experts:
+            # the masked GEMMs still add the bias and join the all-reduce.
+            path = "masked"
+        elif kernel_ok and not ops.kernel_can_win(xs.device, rows, width, kmax, products):
             path = "masked"  # even the smallest union loses: no need to count it
         else:
             experts, counts = self.state.sparse_experts(layer, plan)

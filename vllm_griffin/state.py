@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -54,13 +54,33 @@ class RequestState:
     prompt_len: int
     density: float
     method: str
-    k: tuple[int, ...]           # experts per layer
+    # Experts per layer that this tensor-parallel rank runs (without TP: all of
+    # them). Under TP's global top-k: the global k until selection, then this rank's share.
+    k: tuple[int, ...]
     dense: bool                  # density 1.0: runs the full MLP throughout
     seed: int
     captured: int = 0            # prompt tokens already in the accumulator
     selected: bool = False
     acc_slot: int | None = None
     reached: int = 0             # most tokens this request has had scheduled (resume detection)
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This rank's share of the FF neurons and the collectives that keep selection exact.
+
+    Rank ``rank`` holds neurons ``[rank * width, (rank + 1) * width)`` of every layer.
+    ``selection``: ``"global"`` (default) picks each layer's top-k over all neurons,
+    the experts one device would pick, and each rank keeps those in its slice
+    (counts differ per rank); ``"per_rank"`` picks ``floor(density * width)`` on
+    each rank from its own slice (balanced work; not the paper's selection).
+    """
+
+    rank: int
+    size: int
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]  # sum over the ranks
+    all_gather: Callable[[torch.Tensor], torch.Tensor]  # concatenate over the ranks, last dim
+    selection: str = "global"
 
 
 @dataclass
@@ -119,11 +139,17 @@ class GriffinState:
         max_seqs: int,
         export_dir: str | os.PathLike | None = None,
         export_enabled: bool = True,
+        tp: TensorParallel | None = None,
     ):
         config.check_num_layers(num_layers)
         self.config = config
         self.num_layers = num_layers
-        self.width = width
+        self.width = width  # neurons per layer on this rank
+        self.tp = tp
+        self.global_tp = tp is not None and tp.selection == "global"
+        self.full_width = width * (tp.size if tp else 1)
+        self.neuron_offset = width * tp.rank if tp else 0
+        self._full_static_scores: torch.Tensor | None = None
         self.device = device
         self.layer_densities = config.layer_densities(num_layers)
         # [L, D] scores of the static magnitude baseline, filled as weights load.
@@ -174,13 +200,15 @@ class GriffinState:
         if grew:
             self.experts = _grow(self.experts, self.slots.capacity)
             self.masks = _grow(self.masks, self.slots.capacity)
+        # The global top-k under TP selects over every rank's neurons.
+        select_width = self.full_width if self.global_tp else self.width
         state = RequestState(
             req_id=row.req_id,
             slot=slot,
             prompt_len=row.prompt_len,
             density=density,
             method=method,
-            k=tuple(algorithm.num_experts(d, self.width) for d in densities),
+            k=tuple(algorithm.num_experts(d, select_width) for d in densities),
             dense=all(d >= 1.0 for d in densities),
             seed=self.config.seed if row.seed is None else row.seed,
         )
@@ -265,38 +293,104 @@ class GriffinState:
     def capture(self, layer: int, z: torch.Tensor, plan: StepPlan) -> None:
         """Add the captured tokens' contributions (``z`` = their activations) into the accumulator."""
         start = time.perf_counter()
-        contrib = algorithm.prompt_contributions(z)
+        sq_norms = None
+        if self.tp is not None:
+            # This rank holds a slice of each z_t; the norm runs over every rank's neurons.
+            sq_norms = self.tp.all_reduce(z.float().square().sum(dim=-1, keepdim=True))
+        contrib = algorithm.prompt_contributions(z, sq_norms)
         self.acc[layer].index_add_(0, plan.capture_acc, contrib)
         self.capture_seconds += time.perf_counter() - start
 
-    def select(self, plan: StepPlan) -> None:
+    def select(self, plan: StepPlan) -> dict[str, list[torch.Tensor]]:
         """Pick every layer's experts for the requests whose prompt completed this step.
 
         Runs once after the forward pass (no decode token of theirs is in that
         step), so the paper's top-k is one batched call for all layers and requests.
+        Returns each request's experts per layer as global neuron indices (what
+        an export writes; under tensor parallelism this rank keeps only its slice).
         """
+        acc, static, width = self.acc, self.static_scores, self.width
+        acc_pos = {s.acc_slot: s.acc_slot for s in plan.finishing if s.acc_slot is not None}
+        if self.global_tp:
+            # Every rank sees the whole statistic, picks the same global experts and
+            # keeps those in its own slice. Same plan on every rank: same collectives.
+            slots = sorted(acc_pos)
+            acc_pos = {slot: i for i, slot in enumerate(slots)}
+            if slots:
+                acc = self.tp.all_gather(self.acc[:, slots].contiguous())
+            static, width = self._all_static_scores(plan.finishing), self.full_width
+        chosen: dict[str, list[torch.Tensor | None]] = {s.req_id: [None] * self.num_layers for s in plan.finishing}
         topk_groups: dict[int, list[tuple[int, RequestState]]] = {}
         for state in plan.finishing:
             for layer, k in enumerate(state.k):
                 if state.method == "topk":
                     topk_groups.setdefault(k, []).append((layer, state))
                     continue
-                stat = self.acc[layer, state.acc_slot] if state.acc_slot is not None else None
+                stat = acc[layer, acc_pos[state.acc_slot]] if state.acc_slot is not None else None
                 gen = torch.Generator(device="cpu")
                 gen.manual_seed(_mix_seed(state.seed, layer))
-                idx = algorithm.select_experts(stat, k, state.method, width=self.width, generator=gen,
-                                               static_scores=self.static_scores[layer])
-                self.experts[layer, state.slot, :k] = idx.to(torch.int32)
-                self.masks[layer, state.slot] = False
-                self.masks[layer, state.slot, idx] = True
+                chosen[state.req_id][layer] = algorithm.select_experts(
+                    stat, k, state.method, width=width, generator=gen, static_scores=static[layer])
         for k, pairs in topk_groups.items():
             layers = torch.tensor([layer for layer, _ in pairs], device=self.device)
-            acc = torch.tensor([s.acc_slot for _, s in pairs], device=self.device)
-            slots = torch.tensor([s.slot for _, s in pairs], device=self.device)
-            idx = algorithm.topk_experts_batched(self.acc[layers, acc], k)
-            self.experts[layers, slots, :k] = idx.to(torch.int32)
-            rows = torch.zeros(len(pairs), self.width, dtype=torch.bool, device=self.device)
-            self.masks[layers, slots] = rows.scatter_(1, idx, True)
+            rows = torch.tensor([acc_pos[s.acc_slot] for _, s in pairs], device=self.device)
+            idx = algorithm.topk_experts_batched(acc[layers, rows], k)
+            if self.tp is None:  # the common case: one batched write
+                slots = torch.tensor([s.slot for _, s in pairs], device=self.device)
+                self.experts[layers, slots, :k] = idx.to(torch.int32)
+                masks = torch.zeros(len(pairs), self.width, dtype=torch.bool, device=self.device)
+                self.masks[layers, slots] = masks.scatter_(1, idx, True)
+            for (layer, state), row in zip(pairs, idx):
+                chosen[state.req_id][layer] = row
+        if self.tp is None:
+            for state in plan.finishing:
+                if state.method != "topk":
+                    for layer, idx in enumerate(chosen[state.req_id]):
+                        self._store(layer, state, idx)
+            return chosen
+        if self.global_tp:
+            counts = []
+            for state in plan.finishing:
+                mine = [self._store_slice(layer, state, idx) for layer, idx in enumerate(chosen[state.req_id])]
+                counts.append((state, tuple(mine)))
+            for state, mine in counts:
+                state.k = mine
+            return chosen
+        # Balanced per-rank selection: each rank picked from its own slice.
+        for state in plan.finishing:
+            for layer, idx in enumerate(chosen[state.req_id]):
+                self._store(layer, state, idx)
+        return self._gather_per_rank(plan.finishing, chosen) if self.export_dir else chosen
+
+    def _store(self, layer: int, state: RequestState, idx: torch.Tensor) -> None:
+        """Write one layer's experts (indices into this rank's neurons) into the tables."""
+        self.experts[layer, state.slot, : idx.numel()] = idx.to(torch.int32)
+        self.masks[layer, state.slot] = False
+        self.masks[layer, state.slot, idx] = True
+
+    def _store_slice(self, layer: int, state: RequestState, global_idx: torch.Tensor) -> int:
+        """Keep the global experts that fall in this rank's slice; returns how many."""
+        lo, hi = self.neuron_offset, self.neuron_offset + self.width
+        local = global_idx[(global_idx >= lo) & (global_idx < hi)] - lo
+        self._store(layer, state, local)
+        return int(local.numel())
+
+    def _all_static_scores(self, finishing: list[RequestState]) -> torch.Tensor:
+        """[L, all neurons] magnitude scores, gathered once over the TP ranks (when needed)."""
+        if self._full_static_scores is None and any(s.method == "magnitude" for s in finishing):
+            self._full_static_scores = self.tp.all_gather(self.static_scores.contiguous())
+        return self._full_static_scores if self._full_static_scores is not None else self.static_scores
+
+    def _gather_per_rank(self, finishing, chosen):
+        """Global indices of per-rank selections (every rank picked the same count)."""
+        out = {}
+        for state in finishing:
+            per_layer = []
+            for layer, idx in enumerate(chosen[state.req_id]):
+                everyone = self.tp.all_gather((idx + self.neuron_offset).unsqueeze(0))[0]
+                per_layer.append(everyone.sort().values)
+            out[state.req_id] = per_layer
+        return out
 
     def sparse_masks(self, layer: int, plan: StepPlan) -> torch.Tensor:
         """[T, D] bool: which neurons each of the step's sparse tokens keeps at ``layer``."""
@@ -318,27 +412,30 @@ class GriffinState:
         """Commit what the step's forward pass did (it succeeded); select finished prompts' experts."""
         for state, captured in plan.captures:
             state.captured = max(state.captured, captured)
+        chosen = {}
         if plan.finishing:
             start = time.perf_counter()
-            self.select(plan)
+            chosen = self.select(plan)
             self.select_seconds += time.perf_counter() - start
         for state in plan.finishing:
             state.selected = True
             self._free_acc(state)
             if self.export_dir and self.export_enabled:
-                self.export(state)
+                self.export(state, [idx.sort().values.to(torch.int32).cpu() for idx in chosen[state.req_id]])
 
     def experts_of(self, req_id: str) -> list[torch.Tensor]:
-        """The selected experts of a live request, one sorted int32 tensor per layer."""
+        """The selected experts of a live request on this rank, one sorted int32 tensor per layer
+        (indices into this rank's neurons under tensor parallelism)."""
         state = self.requests[req_id]
         if not state.selected:
             raise ValueError(f"request {req_id} has no experts yet")
         return [self.experts[layer, state.slot, : state.k[layer]].cpu().clone() for layer in range(self.num_layers)]
 
-    def export(self, state: RequestState) -> None:
+    def export(self, state: RequestState, experts: list[torch.Tensor] | None = None) -> None:
+        """Write the request's experts (global indices; default: this rank's table)."""
         from vllm_griffin.export import write_experts
 
-        write_experts(self.export_dir, state, self.experts_of(state.req_id))
+        write_experts(self.export_dir, state, experts if experts is not None else self.experts_of(state.req_id))
 
     # -- internals --------------------------------------------------------------------
 
