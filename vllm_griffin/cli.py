@@ -7,6 +7,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the rest is mostly `vllm serve`'s options: serving parses it
+        from vllm_griffin.serving import cli_serve
+
+        return cli_serve(argv[1:])
     parser = argparse.ArgumentParser(prog="vllm-griffin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare-model", help="build an embedded model's HF folder and print its path")
@@ -16,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_griffin import bench
 
     bench.add_parser(sub)
+    from vllm_griffin import serving
+
+    serving.add_parser(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "func"):
         return args.func(args)
