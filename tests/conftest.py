@@ -52,7 +52,11 @@ class Engines:
             return self.llm
         self.close()
         from vllm import LLM
+        from vllm.plugins import load_general_plugins
 
+        # This process loads its plugins once, for good: do it before any test's
+        # VLLM_PLUGINS="" (meant for that engine's own processes) could stop it.
+        load_general_plugins()
         saved = {name: os.environ.get(name) for name in (env or {})}
         os.environ.update(env or {})
         self._lock = engine_lock()
