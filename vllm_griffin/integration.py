@@ -56,6 +56,13 @@ def compat_error(what: str) -> GriffinCompatError:
 
 def register() -> None:
     """Entry point of the ``griffin`` general plugin; safe to call many times."""
+    from vllm_griffin.compat import PLUGIN_LOAD_HOOKS, missing_hooks
+
+    missing = missing_hooks(PLUGIN_LOAD_HOOKS)
+    if missing:
+        # Plain vLLM must keep working: warn here; a GRIFFIN engine cannot be configured.
+        logger.warning("%s", compat_error(", ".join(missing)))
+        return
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_griffin.serving import install_cli_hooks
@@ -77,6 +84,11 @@ def register() -> None:
 
 
 def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *args, **kwargs):
+    from vllm_griffin.compat import missing_hooks
+
+    missing = missing_hooks()
+    if missing:  # before anything starts: name the vLLM version and every missing hook
+        raise compat_error(", ".join(missing))
     if engine_args.enable_prefix_caching is not False:
         logger.warning(
             "GRIFFIN: prefix caching switched off: a cache hit would leave cached prompt tokens "
