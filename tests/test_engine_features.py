@@ -1,10 +1,11 @@
 """GRIFFIN under vLLM's engine features, on real engines with the tiny random Llama
 (float32, CPU): preemption with recompute, speculative decoding (ngram), tensor
-parallelism.
+parallelism, prefix caching.
 
-Reference for all of them: each request run alone on a plain GRIFFIN engine
-("reference"), its greedy tokens and its exported experts; the experts are also
-held to the from-the-paper oracle. Tests are ordered so each engine starts once.
+Reference for all of them: each request run alone on a GRIFFIN engine without
+prefix caching ("reference"), its greedy tokens and its exported experts; the
+experts are also held to the from-the-paper oracle. Every reference run happens
+in one engine start, then each feature gets its own engine.
 """
 
 from __future__ import annotations
@@ -61,15 +62,22 @@ _reference: dict[str, tuple[list[int], list[list[int]]]] = {}
 
 
 def reference(engines, model_dir, export_root, prompts):
-    """(tokens, experts) of each prompt run alone on a GRIFFIN engine with a roomy KV cache."""
-    missing = [p for p in prompts if str(p) not in _reference]
-    if missing:
+    """(tokens, experts) of each prompt run alone on a GRIFFIN engine with a roomy KV
+    cache and no prefix caching. The first call runs every prompt of this module."""
+    if not _reference:
         folder = export_root / "reference"
         llm = engines.get("features-reference", env={"VLLM_GRIFFIN_EXPORT_DIR": str(folder)},
-                          **engine_kwargs(model_dir))
-        for prompt in missing:
+                          **engine_kwargs(model_dir, enable_prefix_caching=False))
+
+        def alone(prompt):
             (tokens,), (rid,) = run(llm, [prompt])
             _reference[str(prompt)] = (tokens, experts(folder, rid))
+
+        for prompt in (make_prompts(PREEMPT_LENGTHS, seed=11) + repetitive_prompts() + tp_prompts()
+                       + prefix_prompts()):
+            alone(prompt)
+        # A prompt that continues another request's output (see the prefix test).
+        alone(continued_prompt(prefix_prompts()[0]))
     return [_reference[str(p)] for p in prompts]
 
 
@@ -126,8 +134,12 @@ def test_ngram_spec_decode_equals_plain_decode(engines, tiny_llama_dir, export_r
 
 # --- tensor parallelism ---------------------------------------------------------------------
 
+def tp_prompts():
+    return make_prompts([12, 33, 50], seed=13)
+
+
 def test_tensor_parallel_selects_the_single_device_experts(engines, tiny_llama_dir, export_root):
-    prompts = make_prompts([12, 33, 50], seed=13)
+    prompts = tp_prompts()
     want = reference(engines, tiny_llama_dir, export_root, prompts)
     folder = export_root / "tp2"
     # One CPU core per rank; each rank holds half of every layer's 384 FF neurons.
@@ -141,3 +153,55 @@ def test_tensor_parallel_selects_the_single_device_experts(engines, tiny_llama_d
         # Exported by rank 0 as global indices: the same experts as one device picks.
         assert experts(folder, rid) == want_experts, f"prompt {i}"
         assert got == want_tokens[:16], f"prompt {i}"
+
+
+# --- prefix caching -------------------------------------------------------------------------
+
+BLOCK = 32
+
+
+def prefix_prompts():
+    # One 70-token prefix (two full 32-token blocks and a part), three endings.
+    (shared,) = make_prompts([70], seed=14)
+    return [shared + tail for tail in make_prompts([10, 25, 3], seed=15)]
+
+
+def continued_prompt(prompt):
+    """``prompt`` followed by 30 of the tokens GRIFFIN generates for it: its third block
+    (tokens 64-95) holds prompt and generated tokens."""
+    tokens, _ = _reference[str(prompt)]
+    return prompt + tokens[:30]
+
+
+def test_prefix_cache_hits_select_the_experts_of_a_full_prefill(engines, tiny_llama_dir, export_root):
+    first, *others = prefix_prompts()
+    want = reference(engines, tiny_llama_dir, export_root, [first, *others])
+    folder = export_root / "prefix"
+    llm = engines.get("features-prefix", env={"VLLM_GRIFFIN_EXPORT_DIR": str(folder)},
+                      **engine_kwargs(tiny_llama_dir, enable_prefix_caching=True, block_size=BLOCK,
+                                      disable_log_stats=False))
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching  # GRIFFIN leaves it on
+    (stats,) = worker_stats(llm)
+    assert stats["block_stats_blocks"] > 0
+
+    def one(prompt):
+        before = worker_stats(llm)[0]
+        (tokens,), (rid,) = run(llm, [prompt])
+        after = worker_stats(llm)[0]
+        return tokens, experts(folder, rid), after["prefix_hit_tokens"] - before["prefix_hit_tokens"]
+
+    tokens, got_experts, hit = one(first)
+    assert hit == 0 and (tokens, got_experts) == tuple(want[0])
+    for prompt, (want_tokens, want_experts) in zip(others, want[1:]):
+        tokens, got_experts, hit = one(prompt)
+        assert hit == 2 * BLOCK  # the two full blocks of the shared prefix
+        assert got_experts == want_experts and tokens == want_tokens
+    assert metric(llm, "vllm:prefix_cache_hits") >= 2 * 2 * BLOCK
+
+    # Blocks holding generated tokens (computed on the request's experts) are never
+    # shared: a prompt that continues `first`'s output hits only its prompt blocks.
+    continued = continued_prompt(first)
+    (want_tokens, want_experts), = reference(engines, tiny_llama_dir, export_root, [continued])
+    tokens, got_experts, hit = one(continued)
+    assert hit == 2 * BLOCK
+    assert got_experts == want_experts and tokens == want_tokens

@@ -33,6 +33,12 @@ ENGINE_HOOKS: tuple[tuple[str, str], ...] = PLUGIN_LOAD_HOOKS + (
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._on_request_state_removed"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.get_model"),
+    # prefix caching: the scheduler stand-in, and per-block statistic rows beside the KV cache
+    ("vllm.config", "SchedulerConfig.get_scheduler_cls"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.get_kv_cache_spec"),
+    ("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory"),
+    ("vllm.v1.kv_cache_interface", "FullAttentionSpec.page_size_bytes"),
     # tensor parallelism: the statistic's norm and the global top-k
     ("vllm.distributed", "get_tensor_model_parallel_rank"),
     ("vllm.distributed", "get_tensor_model_parallel_world_size"),

@@ -7,7 +7,9 @@ process) installs exactly one hook: a wrapper around
 
 For a GRIFFIN engine the wrapper
   * validates the config (errors name the key, the value and what is allowed),
-  * switches prefix caching off (cached prompt tokens would miss the statistic),
+  * keeps prefix caching exact: the scheduler shares only KV blocks made of
+    prompt tokens (:class:`GriffinScheduler`), and each block carries its
+    tokens' statistic rows, so a hit selects the experts a full prefill would,
   * checks the architecture and the model runner,
   * points ``parallel_config.worker_cls`` at :class:`GriffinWorker`, which
     builds the platform's own worker and gives *that instance's* model runner
@@ -29,6 +31,8 @@ logger = logging.getLogger("vllm.griffin")
 
 # Private key beside "griffin" in additional_config: the worker class GriffinWorker wraps.
 BASE_WORKER_KEY = "_griffin_base_worker_cls"
+# ... and the scheduler class GriffinScheduler builds (None: vLLM's default).
+BASE_SCHEDULER_KEY = "_griffin_base_scheduler_cls"
 TESTED_VLLM = "0.32.0"
 
 _REQUIRED_RUNNER_ATTRS = ("load_model", "_model_forward", "_on_request_state_removed", "input_batch",
@@ -89,11 +93,6 @@ def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *ar
     missing = missing_hooks()
     if missing:  # before anything starts: name the vLLM version and every missing hook
         raise compat_error(", ".join(missing))
-    if engine_args.enable_prefix_caching is not False:
-        logger.warning(
-            "GRIFFIN: prefix caching switched off: a cache hit would leave cached prompt tokens "
-            "out of the expert statistic and select different experts.")
-        engine_args.enable_prefix_caching = False
     _prefer_v1_runner()
     _no_cuda_graphs_yet(engine_args)
     vllm_config = original(engine_args, *args, **kwargs)
@@ -108,6 +107,10 @@ def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *ar
     if parallel.worker_cls != f"{GriffinWorker.__module__}.{GriffinWorker.__qualname__}":
         vllm_config.additional_config[BASE_WORKER_KEY] = parallel.worker_cls
         parallel.worker_cls = f"{GriffinWorker.__module__}.{GriffinWorker.__qualname__}"
+    scheduler = vllm_config.scheduler_config
+    if scheduler.scheduler_cls != _GRIFFIN_SCHEDULER:
+        vllm_config.additional_config[BASE_SCHEDULER_KEY] = scheduler.scheduler_cls
+        scheduler.scheduler_cls = _GRIFFIN_SCHEDULER
     _install_request_validation()
     from vllm_griffin.metrics import install_frontend_hooks
 
@@ -173,6 +176,59 @@ def validate_sampling_params(params: Any) -> RequestOptions:
         raise VLLMValidationError(str(exc), parameter=exc.key) from exc
 
 
+# -- scheduler side: which KV blocks prefix caching may share ----------------------------
+
+class GriffinScheduler:
+    """Stands in for ``scheduler_config.scheduler_cls`` in the engine core process.
+
+    Builds vLLM's own scheduler (sync or async, or the user's) and makes its KV cache
+    manager register only blocks made entirely of prompt tokens for sharing: a
+    generated token's KV comes from its request's experts (sparse MLP), so a block
+    holding one differs from what a full prefill of the same tokens would write.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs.get("vllm_config") or args[0]
+        config = vllm_config.scheduler_config
+        config.scheduler_cls = vllm_config.additional_config.get(BASE_SCHEDULER_KEY)
+        try:
+            base = config.get_scheduler_cls()
+        finally:
+            config.scheduler_cls = _GRIFFIN_SCHEDULER
+        scheduler = base(*args, **kwargs)
+        _share_prompt_blocks_only(scheduler)
+        return scheduler
+
+
+_GRIFFIN_SCHEDULER = f"{GriffinScheduler.__module__}.{GriffinScheduler.__qualname__}"
+
+
+def block_stats_supported(kv_cache_groups) -> bool:
+    """Per-block statistic rows need one full-attention KV cache group (every layer
+    keeps every block: a block id names the same prompt tokens in all layers)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return len(kv_cache_groups) == 1 and isinstance(kv_cache_groups[0].kv_cache_spec, FullAttentionSpec)
+
+
+def _share_prompt_blocks_only(scheduler) -> None:
+    coordinator = getattr(getattr(scheduler, "kv_cache_manager", None), "coordinator", None)
+    if not callable(getattr(coordinator, "cache_blocks", None)):
+        raise compat_error("Scheduler.kv_cache_manager.coordinator.cache_blocks")
+    original = coordinator.cache_blocks
+    if not block_stats_supported(scheduler.kv_cache_config.kv_cache_groups):
+        if scheduler.cache_config.enable_prefix_caching:
+            logger.warning("GRIFFIN: prefix caching shares no blocks for this model (hybrid or sliding-window "
+                           "KV cache): per-block expert statistics need one full-attention KV cache group.")
+        coordinator.cache_blocks = lambda request, num_computed_tokens: None
+        return
+
+    def cache_blocks(request, num_computed_tokens):
+        original(request, min(num_computed_tokens, request.num_prompt_tokens))
+
+    coordinator.cache_blocks = cache_blocks
+
+
 # -- worker side -------------------------------------------------------------------------
 
 class GriffinWorker:
@@ -213,6 +269,26 @@ class _GriffinWorkerMixin:
         runner.__class__ = _subclass(type(runner), GriffinRunnerMixin)
         return result
 
+    def determine_available_memory(self, *args, **kwargs):
+        """vLLM's KV cache budget, shared with the per-block expert statistic
+        (prefix caching): the blocks shrink so that both fit in it."""
+        available = super().determine_available_memory(*args, **kwargs)
+        runner = self.model_runner
+        state = getattr(runner, "griffin", None)
+        if state is None or not runner.cache_config.enable_prefix_caching:
+            return available
+        specs = list(runner.get_kv_cache_spec().values())
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        if not specs or not all(isinstance(s, FullAttentionSpec) for s in specs):
+            return available  # no block statistic for this model (see block_stats_supported)
+        kv_bytes = sum(s.page_size_bytes for s in specs)  # one block, every layer
+        stat_bytes = state.block_stats_bytes()
+        logger.info("GRIFFIN: per-block expert statistic takes %.1f %% of the KV cache budget "
+                    "(%d bytes beside every %d-byte KV block)",
+                    100 * stat_bytes / (kv_bytes + stat_bytes), stat_bytes, kv_bytes)
+        return int(available * kv_bytes / (kv_bytes + stat_bytes))
+
     def griffin_export_to(self, directory: str | None) -> None:
         """Start (a folder) or stop (None) writing each request's experts, at run time."""
         self.model_runner.griffin.export_dir = directory
@@ -233,6 +309,9 @@ class _GriffinWorkerMixin:
             "select_seconds": state.select_seconds,
             "restarts": state.restarts,
             "multi_token_decode_rows": state.multi_token_decode_rows,
+            "prefix_hits": state.prefix_hits,
+            "prefix_hit_tokens": state.prefix_hit_tokens,
+            "block_stats_blocks": 0 if state.block_stats is None else state.block_stats.shape[1],
         }
 
 
@@ -276,6 +355,14 @@ class GriffinRunnerMixin:
             output = super()._model_forward(*args, **kwargs)
         self.griffin.finish_step(plan)
         return output
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        result = super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        groups = kv_cache_config.kv_cache_groups
+        if (self.griffin is not None and self.cache_config.enable_prefix_caching
+                and block_stats_supported(groups)):
+            self.griffin.enable_block_stats(kv_cache_config.num_blocks, groups[0].kv_cache_spec.block_size)
+        return result
 
     def _on_request_state_removed(self, req_id, req_state):
         super()._on_request_state_removed(req_id, req_state)
@@ -327,16 +414,20 @@ def _step_rows(runner):
     batch = runner.input_batch
     num_reqs = batch.num_reqs
     starts = runner.query_start_loc.np[: num_reqs + 1]
+    block_stats = runner.griffin.block_stats is not None
     rows = []
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
         req = runner.requests[req_id]
         params = req.sampling_params
+        prompt_len, computed = int(batch.num_prompt_tokens[i]), int(batch.num_computed_tokens_cpu[i])
         rows.append(StepRow(
             req_id=req_id,
-            prompt_len=int(batch.num_prompt_tokens[i]),
-            num_computed=int(batch.num_computed_tokens_cpu[i]),
+            prompt_len=prompt_len,
+            num_computed=computed,
             num_scheduled=int(starts[i + 1] - starts[i]),
             extra_args=getattr(params, "extra_args", None),
             seed=getattr(params, "seed", None),
+            # Only prompt rows read or fill per-block statistic rows.
+            block_ids=req.block_ids[0] if block_stats and computed < prompt_len else None,
         ))
     return rows

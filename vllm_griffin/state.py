@@ -45,6 +45,9 @@ class StepRow:
     num_scheduled: int     # tokens this step runs
     extra_args: Mapping[str, Any] | None = None
     seed: int | None = None
+    # KV block ids of the request (prefix caching on, while its prompt runs): the
+    # per-block statistic rows its prompt tokens fill, or a cache hit reads.
+    block_ids: Sequence[int] | None = None
 
 
 @dataclass
@@ -90,7 +93,10 @@ class StepPlan:
     num_tokens: int
     dense_idx: torch.Tensor | None = None      # tokens through the full MLP (None: all of them)
     capture_pos: torch.Tensor | None = None    # positions within dense_idx to capture
-    capture_acc: torch.Tensor | None = None    # accumulator slot per captured token
+    capture_acc: torch.Tensor | None = None    # accumulator slot per token that counts for its request
+    capture_acc_sel: torch.Tensor | None = None  # which captured tokens those are (None: all)
+    block_rows: torch.Tensor | None = None     # prefix caching: per-block statistic row per token...
+    block_sel: torch.Tensor | None = None      # ...of these captured tokens (None: all)
     sparse_idx: torch.Tensor | None = None     # tokens through their experts
     sparse_slot: torch.Tensor | None = None    # expert-table slot per sparse token
     sparse_kmax: list[int] = field(default_factory=list)  # per layer
@@ -99,6 +105,8 @@ class StepPlan:
     only_sparse: bool = False                  # every token decodes on experts (a pure decode step)
     finishing: list[RequestState] = field(default_factory=list)
     captures: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, new captured)
+    # Prefix-cache hits: (request, KV block ids whose statistic rows its prompt starts from).
+    block_hits: list[tuple[RequestState, torch.Tensor]] = field(default_factory=list)
 
     @property
     def all_dense(self) -> bool:
@@ -178,6 +186,27 @@ class GriffinState:
         self.masks = torch.zeros(num_layers, self.slots.capacity, width, dtype=torch.bool, device=device)
         # [layer, acc slot, neuron]: summed prompt contributions (only while prefilling).
         self.acc = torch.zeros(num_layers, self.acc_slots.capacity, width, dtype=torch.float32, device=device)
+        # Prefix caching: [layer, KV block, neuron] the summed contributions of the
+        # prompt tokens each KV block holds (see enable_block_stats).
+        self.block_stats: torch.Tensor | None = None
+        self.block_size = 0
+        self.prefix_hits = 0
+        self.prefix_hit_tokens = 0
+
+    # -- prefix caching -----------------------------------------------------------------
+
+    def block_stats_bytes(self) -> int:
+        """Bytes of per-block statistic that each KV cache block needs beside it."""
+        return self.num_layers * self.width * 4
+
+    def enable_block_stats(self, num_blocks: int, block_size: int) -> None:
+        """Keep, beside each of vLLM's ``num_blocks`` KV blocks, the statistic of the prompt
+        tokens it holds, so a request whose prompt starts with cached blocks selects
+        exactly the experts it would without the hit. Only blocks made of prompt tokens
+        are ever shared (the scheduler side caches no others)."""
+        self.block_size = block_size
+        self.block_stats = torch.zeros(self.num_layers, num_blocks, self.width, dtype=torch.float32,
+                                       device=self.device)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -230,10 +259,9 @@ class GriffinState:
 
     def plan_step(self, rows: Sequence[StepRow]) -> StepPlan:
         dense_idx: list[int] = []
-        capture_pos: list[int] = []
-        capture_acc: list[int] = []
         sparse_idx: list[int] = []
         sparse_req: list[RequestState] = []
+        caps = _Captures()
         plan = StepPlan(num_tokens=sum(r.num_scheduled for r in rows))
         offset = 0
         for row in rows:
@@ -250,23 +278,22 @@ class GriffinState:
                 # the full MLP is the safe answer.
                 if not state.dense:
                     logger.warning("GRIFFIN: request %s decodes before its experts exist; running dense", row.req_id)
+                caps.add(self, row, state, len(dense_idx), start, prompt_end, prompt_end, None)
                 dense_idx.extend(range(offset, offset + row.num_scheduled))
                 offset += row.num_scheduled
                 continue
             if start < prompt_end:  # prompt tokens: full MLP, captured once
                 first_dense = len(dense_idx)
                 dense_idx.extend(range(offset, offset + prompt_end - start))
+                acc_from, acc = prompt_end, None
                 if not state.selected and state.method in algorithm.PROMPT_METHODS:
                     if start > state.captured:
-                        raise RuntimeError(
-                            f"GRIFFIN: request {row.req_id} skipped prompt tokens {state.captured}..{start - 1} "
-                            "(prefix cache hit?); its statistic would be incomplete")
+                        self._prefix_hit(plan, row, state, start)
                     new_from = max(start, state.captured)
                     if new_from < prompt_end:
-                        acc = self._acc_slot(state)
-                        capture_pos.extend(range(first_dense + new_from - start, first_dense + prompt_end - start))
-                        capture_acc.extend([acc] * (prompt_end - new_from))
+                        acc_from, acc = new_from, self._acc_slot(state)
                         plan.captures.append((state, prompt_end))
+                caps.add(self, row, state, first_dense, start, prompt_end, acc_from, acc)
                 if prompt_end == state.prompt_len and not state.selected:
                     plan.finishing.append(state)
             if end > state.prompt_len:  # generated tokens: the request's experts
@@ -278,8 +305,7 @@ class GriffinState:
         to = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         if sparse_idx:  # else every token is dense and dense_idx stays None
             plan.dense_idx = to(dense_idx)
-        if capture_pos:
-            plan.capture_pos, plan.capture_acc = to(capture_pos), to(capture_acc)
+        caps.fill(plan, self, to)
         if sparse_idx:
             plan.only_sparse = not dense_idx
             plan.sparse_idx = to(sparse_idx)
@@ -290,6 +316,24 @@ class GriffinState:
             plan.sparse_ksum = [sum(s.k[layer] for s in sparse_req) for layer in range(self.num_layers)]
         return plan
 
+    def _prefix_hit(self, plan: StepPlan, row: StepRow, state: RequestState, start: int) -> None:
+        """The request's prompt starts ``start`` tokens in (vLLM's prefix cache had them):
+        its statistic starts from the cached blocks' rows instead of its own tokens."""
+        if self.block_stats is None or row.block_ids is None or start % self.block_size:
+            raise RuntimeError(
+                f"GRIFFIN: request {row.req_id} skipped prompt tokens {state.captured}..{start - 1} "
+                "(prefix cache hit?); its statistic would be incomplete")
+        acc = self._acc_slot(state)
+        # Everything before `start` comes from the blocks (also tokens this request
+        # counted before a preemption); the rows are read after the forward pass,
+        # when blocks other requests fill in this same step are complete.
+        self.acc[:, acc].zero_()
+        blocks = torch.tensor(list(row.block_ids[: start // self.block_size]), dtype=torch.long, device=self.device)
+        plan.block_hits.append((state, blocks))
+        state.captured = start
+        self.prefix_hits += 1
+        self.prefix_hit_tokens += start
+
     def capture(self, layer: int, z: torch.Tensor, plan: StepPlan) -> None:
         """Add the captured tokens' contributions (``z`` = their activations) into the accumulator."""
         start = time.perf_counter()
@@ -298,7 +342,12 @@ class GriffinState:
             # This rank holds a slice of each z_t; the norm runs over every rank's neurons.
             sq_norms = self.tp.all_reduce(z.float().square().sum(dim=-1, keepdim=True))
         contrib = algorithm.prompt_contributions(z, sq_norms)
-        self.acc[layer].index_add_(0, plan.capture_acc, contrib)
+        if plan.capture_acc is not None:
+            own = contrib if plan.capture_acc_sel is None else contrib.index_select(0, plan.capture_acc_sel)
+            self.acc[layer].index_add_(0, plan.capture_acc, own)
+        if plan.block_rows is not None:
+            per_block = contrib if plan.block_sel is None else contrib.index_select(0, plan.block_sel)
+            self.block_stats[layer].index_add_(0, plan.block_rows, per_block)
         self.capture_seconds += time.perf_counter() - start
 
     def select(self, plan: StepPlan) -> dict[str, list[torch.Tensor]]:
@@ -412,6 +461,8 @@ class GriffinState:
         """Commit what the step's forward pass did (it succeeded); select finished prompts' experts."""
         for state, captured in plan.captures:
             state.captured = max(state.captured, captured)
+        for state, blocks in plan.block_hits:
+            self.acc[:, state.acc_slot] += self.block_stats[:, blocks].sum(dim=1)
         chosen = {}
         if plan.finishing:
             start = time.perf_counter()
@@ -451,6 +502,58 @@ class GriffinState:
         if state.acc_slot is not None:
             self.acc_slots.release(state.acc_slot)
             state.acc_slot = None
+
+
+class _Captures:
+    """The step's captured tokens as index lists: which of them count for their
+    request's statistic, and which fill a KV block's statistic row."""
+
+    def __init__(self):
+        self.pos: list[int] = []        # positions within the dense tokens
+        self.acc: list[int] = []        # accumulator slot, for the tokens in acc_sel
+        self.acc_sel: list[int] = []
+        self.rows: list[int] = []       # block-statistic row, for the tokens in block_sel
+        self.block_sel: list[int] = []
+        self.zero_rows: list[int] = []  # blocks filled from their first token: start from zero
+
+    def add(self, state_tbl: "GriffinState", row: StepRow, state: RequestState, first_dense: int,
+            start: int, prompt_end: int, acc_from: int, acc: int | None) -> None:
+        """Prompt tokens ``start..prompt_end`` of ``row`` sit at dense positions from
+        ``first_dense``; those from ``acc_from`` count for the request's statistic."""
+        blk_end = start
+        if state_tbl.block_stats is not None and row.block_ids is not None:
+            # Only blocks made entirely of prompt tokens can be shared.
+            blk_end = min(prompt_end, state.prompt_len // state_tbl.block_size * state_tbl.block_size)
+        lo = min(acc_from, start if blk_end > start else prompt_end)
+        hi = max(prompt_end if acc_from < prompt_end else lo, blk_end)
+        if lo >= hi:
+            return
+        base = len(self.pos)
+        self.pos.extend(range(first_dense + lo - start, first_dense + hi - start))
+        if acc_from < prompt_end:
+            self.acc_sel.extend(range(base + acc_from - lo, base + prompt_end - lo))
+            self.acc.extend([acc] * (prompt_end - acc_from))
+        if blk_end > start:
+            size = state_tbl.block_size
+            self.block_sel.extend(range(base + start - lo, base + blk_end - lo))
+            self.rows.extend(row.block_ids[p // size] for p in range(start, blk_end))
+            first_block = -(-start // size)
+            self.zero_rows.extend(row.block_ids[b] for b in range(first_block, -(-blk_end // size)))
+
+    def fill(self, plan: StepPlan, state_tbl: "GriffinState", to) -> None:
+        if not self.pos:
+            return
+        plan.capture_pos = to(self.pos)
+        everything = list(range(len(self.pos)))
+        if self.acc:
+            plan.capture_acc = to(self.acc)
+            plan.capture_acc_sel = None if self.acc_sel == everything else to(self.acc_sel)
+        if self.rows:
+            plan.block_rows = to(self.rows)
+            plan.block_sel = None if self.block_sel == everything else to(self.block_sel)
+        if self.zero_rows:
+            # A block filled from its first token holds new content (vLLM reuses blocks).
+            state_tbl.block_stats[:, to(self.zero_rows)] = 0
 
 
 def _grow(table: torch.Tensor, capacity: int) -> torch.Tensor:
