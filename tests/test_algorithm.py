@@ -40,7 +40,8 @@ def test_every_method_returns_k_sorted_distinct_indices(method, k):
     stat = torch.rand(width)
     stat[:10] = 0  # never-active neurons must not break the samplers
     gen = torch.Generator().manual_seed(1)
-    idx = algorithm.select_experts(stat, k, method, width=width, generator=gen, static_scores=torch.rand(width))
+    idx = algorithm.select_experts(stat, k, method, width=width, generator=gen, static_scores=torch.rand(width),
+                                   down_norms=torch.rand(width))
     assert idx.dtype == torch.long and len(idx) == k
     assert idx.tolist() == sorted(set(idx.tolist()))
     assert all(0 <= i < width for i in idx.tolist())
@@ -110,3 +111,45 @@ def test_decode_paths_equal_the_definition(rows, width, counts):
     for fn in (experts_mlp_gather, experts_mlp_masked):
         got = fn(x, ExpertWeights.separate(w_gate_up, w_down_t), experts, counts, silu_and_mul)
         assert torch.allclose(got, want, atol=1e-9), fn.__name__
+
+
+# -- selection improvements (topk_down, topk_down_first_dense) --------------------------------
+
+
+def test_topk_down_ranks_statistic_times_down_column_norm():
+    # s = sqrt(stat): [0.9, 0.8, 0.3]; down norms [0.1, 1.0, 4.0] -> s*||d|| = [0.09, 0.8, 1.2]
+    stat = torch.tensor([0.81, 0.64, 0.09])
+    w_down = torch.zeros(5, 3)
+    w_down[0, 0], w_down[:, 1], w_down[:4, 2] = 0.1, torch.tensor([0.6, 0.8, 0, 0, 0]), 2.0
+    norms = algorithm.down_norms(w_down)
+    assert torch.allclose(norms, torch.tensor([0.1, 1.0, 4.0]))
+    assert algorithm.select_experts(stat, 2, "topk", width=3).tolist() == [0, 1]
+    assert algorithm.select_experts(stat, 2, "topk_down", width=3, down_norms=norms).tolist() == [1, 2]
+    # The batched path (the engine's) ranks the same scores.
+    scores = algorithm.rank_scores(stat[None], "topk_down", norms.square()[None])
+    assert algorithm.topk_experts_batched(scores, 2).tolist() == [[1, 2]]
+    # Equal down norms: the paper's top-k exactly.
+    assert algorithm.select_experts(stat, 2, "topk_down", width=3, down_norms=torch.ones(3)).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("ks,width", [((768,) * 30, 1536), ((512,) * 18, 2048), ((384,) * 30, 1536),
+                                      ((76,) * 30, 1536), ((1200,) * 4, 1536), ((3, 5, 1, 0), 8)])
+def test_first_dense_budget_keeps_the_total(ks, width):
+    out = algorithm.layer_budgets(ks, "topk_down_first_dense", width)
+    assert sum(out) == sum(ks) and len(out) == len(ks)
+    assert all(0 <= k <= width for k in out)
+    # The first layer grows until it is dense or the others are down to half of theirs.
+    assert out[0] == width or all(o == (k + 1) // 2 for o, k in zip(out[1:], ks[1:]))
+    assert all(o >= (k + 1) // 2 for o, k in zip(out[1:], ks[1:]))
+    # Taken evenly: the others differ by at most one more than before.
+    assert max(out[1:]) - min(out[1:]) <= max(ks[1:]) - min(ks[1:]) + 1
+    for method in ("topk", "topk_down", "magnitude", "random"):
+        assert algorithm.layer_budgets(ks, method, width) == tuple(ks)
+
+
+def test_first_dense_budget_examples():
+    # 4 layers of 10 out of 16: layer 0 dense (16), the 6 extra taken two per layer.
+    assert algorithm.layer_budgets((10, 10, 10, 10), "topk_down_first_dense", 16) == (16, 8, 8, 8)
+    # Too little budget for a dense first layer: the others keep half (2 of 4).
+    assert algorithm.layer_budgets((4, 4, 4), "topk_down_first_dense", 16) == (8, 2, 2)
+    assert algorithm.layer_budgets((5, 4, 3), "topk_down_first_dense", 16) == (8, 2, 2)

@@ -17,9 +17,15 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("topk", "magnitude", "random", "sample", "topk_sample")
+METHODS = ("topk", "magnitude", "random", "sample", "topk_sample", "topk_down", "topk_down_first_dense")
 # Methods that read the prompt's statistic (the others never capture).
-PROMPT_METHODS = frozenset({"topk", "sample", "topk_sample"})
+PROMPT_METHODS = frozenset({"topk", "sample", "topk_sample", "topk_down", "topk_down_first_dense"})
+# Rank the statistic, optionally scaled by the down projection's column norms
+# (one batched top-k per k in the engine).
+RANK_METHODS = frozenset({"topk", "topk_down", "topk_down_first_dense"})
+DOWN_WEIGHTED = frozenset({"topk_down", "topk_down_first_dense"})
+# Methods that move experts between layers (same total, so the same decode cost).
+FIRST_LAYER_METHODS = frozenset({"topk_down_first_dense"})
 
 
 def num_experts(density: float, width: int) -> int:
@@ -48,6 +54,43 @@ def magnitude_scores(w_gate: torch.Tensor, w_up: torch.Tensor | None) -> torch.T
     return score
 
 
+def down_norms(w_down: torch.Tensor) -> torch.Tensor:
+    """``||W_down[:, j]||`` per neuron: how far a unit activation of neuron j moves the layer's output."""
+    return w_down.float().norm(dim=0)
+
+
+def rank_scores(stat_sum: torch.Tensor, method: str, down_norms_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """What a rank method takes the top-k of: the statistic, or for ``topk_down*``
+    ``s_j**2 * ||W_down[:, j]||**2`` -- the prompt's (token-normalised) activation mass
+    times the neuron's reach into the output. Same order as ``s_j * ||W_down[:, j]||``."""
+    if method in DOWN_WEIGHTED:
+        return stat_sum * down_norms_sq
+    return stat_sum
+
+
+def layer_budgets(ks: tuple[int, ...] | list[int], method: str, width: int) -> tuple[int, ...]:
+    """Experts per layer for ``method``, keeping ``sum(ks)`` (so the same decode cost).
+
+    ``topk_down_first_dense`` runs the first layer dense (all ``width`` neurons) and
+    takes the extra experts evenly from the other layers, as far as each of them
+    keeps at least half of its own: the first MLP reacts to token identities more
+    than to context, so its prompt statistic predicts later tokens worst, and every
+    error it makes passes through all later layers. Other methods keep ``ks``.
+    """
+    ks = tuple(int(k) for k in ks)
+    if method not in FIRST_LAYER_METHODS or len(ks) < 2:
+        return ks
+    rest = list(ks[1:])
+    spare = sum(k - (k + 1) // 2 for k in rest)  # what the others can give, keeping half
+    extra = min(width - ks[0], spare)
+    # Take from the layer with the most experts first (ties: the deepest), one at a
+    # time, so the others stay as even as they were and the total is exact.
+    for _ in range(max(0, extra)):
+        i = max(range(len(rest)), key=lambda j: (rest[j], j))
+        rest[i] -= 1
+    return (ks[0] + max(0, extra), *rest)
+
+
 def select_experts(
     stat_sum: torch.Tensor | None,
     k: int,
@@ -56,17 +99,19 @@ def select_experts(
     width: int,
     generator: torch.Generator | None = None,
     static_scores: torch.Tensor | None = None,
+    down_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's experts for one sequence, as sorted int64 indices of length ``k``.
 
     ``stat_sum`` is the summed contributions (``s**2``); ``static_scores`` is
-    :func:`magnitude_scores`. The sampling methods follow the authors' code:
+    :func:`magnitude_scores`; ``down_norms`` is :func:`down_norms` (``topk_down*``). The sampling methods follow the authors' code:
     probabilities proportional to ``s`` (not ``s**2``), without replacement.
     """
     if not 0 <= k <= width:
         raise ValueError(f"k={k} must lie in [0, {width}]")
-    if method == "topk":
-        idx = torch.topk(stat_sum, k).indices
+    if method in RANK_METHODS:
+        sq = down_norms.float().square() if method in DOWN_WEIGHTED else None
+        idx = torch.topk(rank_scores(stat_sum, method, sq), k).indices
     elif method == "magnitude":
         idx = torch.topk(static_scores, k).indices
     elif method == "random":

@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_griffin import bench
 
     bench.add_parser(sub)
+    from vllm_griffin import eval as quality_eval
+
+    quality_eval.add_parser(sub)
+    from vllm_griffin import plots
+
+    plots.add_parser(sub)
     from vllm_griffin import serving
 
     serving.add_parser(sub)

@@ -110,6 +110,7 @@ class GriffinMLP(nn.Module):
     def _keep_down(self, linear: nn.Module) -> None:
         # vLLM processes gate_up before down (module order), so both are here now.
         (w_gate_up, b_gate_up), weight = self._gate_up_loaded, linear.weight.detach()
+        self.state.down_norms_sq[self.layer_index] = algorithm.down_norms(weight).square()
         # A row-parallel linear adds its bias once, on rank 0, before the all-reduce.
         b_down = _bias_of(linear) if getattr(linear, "tp_rank", 0) == 0 else None
         if not self.spec.gated:

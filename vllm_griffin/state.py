@@ -162,6 +162,9 @@ class GriffinState:
         self.layer_densities = config.layer_densities(num_layers)
         # [L, D] scores of the static magnitude baseline, filled as weights load.
         self.static_scores = torch.zeros(num_layers, width, dtype=torch.float32, device=device)
+        # [L, D] squared column norms of each down projection (topk_down*), filled as weights load.
+        self.down_norms_sq = torch.ones(num_layers, width, dtype=torch.float32, device=device)
+        self._full_down_norms_sq: torch.Tensor | None = None
         self.export_dir = export_dir
         self.export_enabled = export_enabled
         self.requests: dict[str, RequestState] = {}
@@ -237,7 +240,8 @@ class GriffinState:
             prompt_len=row.prompt_len,
             density=density,
             method=method,
-            k=tuple(algorithm.num_experts(d, select_width) for d in densities),
+            k=algorithm.layer_budgets([algorithm.num_experts(d, select_width) for d in densities], method,
+                                      select_width),
             dense=all(d >= 1.0 for d in densities),
             seed=self.config.seed if row.seed is None else row.seed,
         )
@@ -369,21 +373,23 @@ class GriffinState:
                 acc = self.tp.all_gather(self.acc[:, slots].contiguous())
             static, width = self._all_static_scores(plan.finishing), self.full_width
         chosen: dict[str, list[torch.Tensor | None]] = {s.req_id: [None] * self.num_layers for s in plan.finishing}
-        topk_groups: dict[int, list[tuple[int, RequestState]]] = {}
+        down_sq = self._all_down_norms_sq(plan.finishing) if self.global_tp else self.down_norms_sq
+        topk_groups: dict[tuple[int, str], list[tuple[int, RequestState]]] = {}
         for state in plan.finishing:
             for layer, k in enumerate(state.k):
-                if state.method == "topk":
-                    topk_groups.setdefault(k, []).append((layer, state))
+                if state.method in algorithm.RANK_METHODS:
+                    topk_groups.setdefault((k, state.method), []).append((layer, state))
                     continue
                 stat = acc[layer, acc_pos[state.acc_slot]] if state.acc_slot is not None else None
                 gen = torch.Generator(device="cpu")
                 gen.manual_seed(_mix_seed(state.seed, layer))
                 chosen[state.req_id][layer] = algorithm.select_experts(
                     stat, k, state.method, width=width, generator=gen, static_scores=static[layer])
-        for k, pairs in topk_groups.items():
+        for (k, method), pairs in topk_groups.items():
             layers = torch.tensor([layer for layer, _ in pairs], device=self.device)
             rows = torch.tensor([acc_pos[s.acc_slot] for _, s in pairs], device=self.device)
-            idx = algorithm.topk_experts_batched(acc[layers, rows], k)
+            scores = algorithm.rank_scores(acc[layers, rows], method, down_sq[layers])
+            idx = algorithm.topk_experts_batched(scores, k)
             if self.tp is None:  # the common case: one batched write
                 slots = torch.tensor([s.slot for _, s in pairs], device=self.device)
                 self.experts[layers, slots, :k] = idx.to(torch.int32)
@@ -393,7 +399,7 @@ class GriffinState:
                 chosen[state.req_id][layer] = row
         if self.tp is None:
             for state in plan.finishing:
-                if state.method != "topk":
+                if state.method not in algorithm.RANK_METHODS:
                     for layer, idx in enumerate(chosen[state.req_id]):
                         self._store(layer, state, idx)
             return chosen
@@ -429,6 +435,12 @@ class GriffinState:
         if self._full_static_scores is None and any(s.method == "magnitude" for s in finishing):
             self._full_static_scores = self.tp.all_gather(self.static_scores.contiguous())
         return self._full_static_scores if self._full_static_scores is not None else self.static_scores
+
+    def _all_down_norms_sq(self, finishing: list[RequestState]) -> torch.Tensor:
+        """[L, all neurons] squared down-projection column norms, gathered once over the TP ranks."""
+        if self._full_down_norms_sq is None and any(s.method in algorithm.DOWN_WEIGHTED for s in finishing):
+            self._full_down_norms_sq = self.tp.all_gather(self.down_norms_sq.contiguous())
+        return self._full_down_norms_sq if self._full_down_norms_sq is not None else self.down_norms_sq
 
     def _gather_per_rank(self, finishing, chosen):
         """Global indices of per-rank selections (every rank picked the same count)."""
