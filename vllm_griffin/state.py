@@ -532,6 +532,10 @@ class _Captures:
             start: int, prompt_end: int, acc_from: int, acc: int | None) -> None:
         """Prompt tokens ``start..prompt_end`` of ``row`` sit at dense positions from
         ``first_dense``; those from ``acc_from`` count for the request's statistic."""
+        if prompt_end <= start:
+            # No prompt token in this step (a dense request decoding): nothing to capture.
+            # Without this, `hi` below became `start` and added positions before the row's own.
+            return
         blk_end = start
         if state_tbl.block_stats is not None and row.block_ids is not None:
             # Only blocks made entirely of prompt tokens can be shared.
