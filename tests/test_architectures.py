@@ -30,6 +30,15 @@ def test_every_supported_architecture_is_tested_here():
     assert sorted(ARCHITECTURES) == sorted(SUPPORTED)
 
 
+def test_readme_table_lists_exactly_the_supported_architectures():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- architectures -->")[1].split("<!-- /architectures -->")[0]
+    rows = [line.split("|")[1].strip().strip("`") for line in table.strip().splitlines()[2:]]
+    assert rows == list(ARCHITECTURES)
+
+
 def prompts(seed=0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 500, (n,), generator=gen).tolist() for n in LENGTHS]

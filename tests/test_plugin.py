@@ -70,3 +70,13 @@ def test_make_demo_runs_to_the_end(engines):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "demo finished" in proc.stdout
     assert proc.stdout.count("GRIFFIN (density 0.5)") >= 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"quantization": "fp8"}, r"GRIFFIN needs unquantized MLP weights; quantization='fp8' is not supported"),
+    ({"enable_lora": True}, r"GRIFFIN does not support LoRA adapters yet; start without --enable-lora"),
+])
+def test_quantization_and_lora_are_refused_at_startup(engines, tiny_llama_dir, kwargs, message):
+    engines.close()
+    with pytest.raises(ValueError, match=message):
+        start(tiny_llama_dir, additional_config={"griffin": {"density": 0.5}}, **kwargs)

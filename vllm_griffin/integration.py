@@ -95,8 +95,10 @@ def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *ar
         raise compat_error(", ".join(missing))
     _prefer_v1_runner()
     _no_cuda_graphs_yet(engine_args)
+    _refuse_quantization(engine_args.quantization)  # before vLLM checks the method for this platform
     vllm_config = original(engine_args, *args, **kwargs)
     spec_for(vllm_config.model_config.architectures)  # unsupported architecture -> clear error now
+    _refuse_quantization(vllm_config.model_config.quantization)  # e.g. from the checkpoint's config
     cfg.check_num_layers(vllm_config.model_config.hf_text_config.num_hidden_layers)
     if getattr(vllm_config, "use_v2_model_runner", False):
         raise compat_error("support for Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
@@ -118,6 +120,14 @@ def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *ar
     logger.info("GRIFFIN on: density=%s method=%s%s", cfg.density, cfg.method,
                 " (per-layer densities)" if cfg.densities else "")
     return vllm_config
+
+
+def _refuse_quantization(method: str | None) -> None:
+    # The experts' gathers read plain weight rows; quantized layouts have none.
+    if method is not None:
+        raise ValueError(
+            f"GRIFFIN needs unquantized MLP weights; quantization={method!r} is not supported. "
+            "Serve an unquantized (bf16/fp16/fp32) checkpoint, or drop the griffin additional_config.")
 
 
 def _prefer_v1_runner() -> None:

@@ -1,4 +1,5 @@
-"""GRIFFIN on real trained weights: SmolLM2-135M-Instruct (float32) against the oracle."""
+"""GRIFFIN on real trained weights against the oracle (float32): SmolLM2-135M-Instruct
+(Llama architecture) and Gemma-3-270M (Gemma3), the embedded models."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xsum_1shot_dev.jsonl"
 MAX_TOKENS = 24
+LAYERS = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}
 
 
 def prompts(tokenizer):
@@ -25,6 +27,7 @@ def prompts(tokenizer):
     ]
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                            add_generation_prompt=True) for t in texts[1:]]
+    # The chat templates write the BOS themselves (Gemma's does; SmolLM2 has none).
     ids = [tokenizer(texts[0])["input_ids"]] + [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
     if DATA.exists():  # a real XSum 1-shot prompt, truncated to keep the test quick
         article = json.loads(DATA.read_text().splitlines()[0])["article"]
@@ -32,21 +35,21 @@ def prompts(tokenizer):
     return ids
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("smollm2-experts")
-
-
-def test_smollm2_matches_oracle(engines, smollm2_dir, export_dir):
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_trained_model_matches_oracle(engines, name, tmp_path_factory):
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    llm = engines.get("smollm2-griffin", env={"VLLM_GRIFFIN_EXPORT_DIR": str(export_dir)},
-                      model=str(smollm2_dir), max_model_len=1024, max_num_batched_tokens=64, max_num_seqs=8,
+    from vllm_griffin.models import prepare_model
+
+    model_dir = prepare_model(name)
+    export_dir = tmp_path_factory.mktemp(f"{name}-experts")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    llm = engines.get(f"{name}-griffin", env={"VLLM_GRIFFIN_EXPORT_DIR": str(export_dir)},
+                      model=str(model_dir), max_model_len=1024, max_num_batched_tokens=64, max_num_seqs=8,
                       additional_config={"griffin": {"density": 0.5}})
-    model = hf_model(smollm2_dir)
+    model = hf_model(model_dir)
     sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     batch = prompts(tokenizer)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sampling, use_tqdm=False)
@@ -56,8 +59,8 @@ def test_smollm2_matches_oracle(engines, smollm2_dir, export_dir):
     for i, (prompt, out) in enumerate(zip(batch, outs)):
         expected = griffin_generate(model, prompt, density=0.5, max_new_tokens=MAX_TOKENS)
         experts, _ = read_experts(export_dir / f"{out.request_id}.safetensors")
-        assert len(experts) == 30
+        assert len(experts) == LAYERS[name]
         for layer, (got, want) in enumerate(zip(experts, expected.experts)):
             assert got.tolist() == want.tolist(), f"prompt {i} layer {layer}"
-        assert list(out.outputs[0].token_ids) == expected.tokens, f"prompt {i}: {tokenizer.decode(expected.tokens)!r}"
+        assert list(out.outputs[0].token_ids) == expected.tokens, f"{name} prompt {i}: {tokenizer.decode(expected.tokens)!r}"
     assert list(dense[0].outputs[0].token_ids) != list(outs[0].outputs[0].token_ids)
