@@ -188,10 +188,12 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def plot_overlap(result: dict, path: Path) -> Path:
+def plot_overlap(result: dict, path: Path, methods: list[str] | None = None) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for g in result["groups"]:
+        if methods and g["method"] not in methods:
+            continue
         layers = [p["layer"] for p in g["layers"]]
         line, = ax.plot(layers, [p["mean"] for p in g["layers"]], marker="o",
                         label=f"{g['method']} d={g['density']:g} ({g['requests']} requests)")
@@ -230,6 +232,7 @@ def add_parser(sub) -> None:
     o = kinds.add_parser("overlap", help="Jaccard overlap of exported experts across requests")
     o.add_argument("--experts", required=True, help="folder written with VLLM_GRIFFIN_EXPORT_DIR / --export-experts")
     o.add_argument("--out", default="overlap.json", help="JSON path; the PNG goes beside it")
+    o.add_argument("--plot-methods", default=None, help="comma list of methods to draw (default: all; JSON has all)")
     o.set_defaults(func=_cli_overlap)
 
 
@@ -278,7 +281,7 @@ def _cli_overlap(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    plot_overlap(result, out.with_suffix(".png"))
+    plot_overlap(result, out.with_suffix(".png"), args.plot_methods.split(",") if args.plot_methods else None)
     for g in result["groups"]:
         means = [p["mean"] for p in g["layers"]]
         print(f"{g['method']} d={g['density']:g}: {g['requests']} requests, mean Jaccard {g['mean']:.3f} "
