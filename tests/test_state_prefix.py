@@ -100,3 +100,18 @@ def test_hit_without_block_rows_fails_loudly():
     state = GriffinState(GriffinConfig(), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
     with pytest.raises(RuntimeError, match="skipped prompt tokens"):
         state.plan_step([StepRow("a", 40, 16, 8, block_ids=[1, 2, 3, 4])])
+
+
+def test_resumed_from_a_cache_hit_keeps_its_experts_and_counts_a_restart():
+    state = make_state()
+    z = torch.randn(8, WIDTH)
+    step(state, [StepRow("a", 8, 0, 8, block_ids=[1, 2])], [z])
+    before = [e.tolist() for e in state.experts_of("a")]
+    for pos in (8, 9, 10):
+        step(state, [StepRow("a", 8, pos, 1)], [torch.randn(1, WIDTH)])
+    assert state.restarts == 0
+    # Preempted; its first block is still cached, so it recomputes from token 4.
+    plan = step(state, [StepRow("a", 8, 4, 7, block_ids=[1, 5, 6])], [torch.randn(7, WIDTH)])
+    assert state.restarts == 1 and not plan.finishing and not plan.block_hits
+    assert plan.sparse_idx.tolist() == [4, 5, 6]
+    assert [e.tolist() for e in state.experts_of("a")] == before

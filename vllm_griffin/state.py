@@ -65,7 +65,7 @@ class RequestState:
     captured: int = 0            # prompt tokens already in the accumulator
     selected: bool = False
     acc_slot: int | None = None
-    reached: int = 0             # most tokens this request has had scheduled (resume detection)
+    last_start: int = -1         # first token of its last scheduled row (resume detection)
 
 
 @dataclass(frozen=True)
@@ -271,9 +271,11 @@ class GriffinState:
         for row in rows:
             state = self.requests.get(row.req_id) or self.admit(row)
             start, end = row.num_computed, row.num_computed + row.num_scheduled
-            if start == 0 and state.reached > 0:
-                self.restarts += 1  # resumed after preemption: recomputes its tokens
-            state.reached = max(state.reached, end)
+            if 0 <= start <= state.last_start:
+                # Every step moves a request forward (rejected drafts included): going
+                # back means it was preempted and resumes, from 0 or from a prefix-cache hit.
+                self.restarts += 1
+            state.last_start = start
             if start >= state.prompt_len and row.num_scheduled > 1:
                 self.multi_token_decode_rows += 1  # draft tokens: verified on the request's experts
             prompt_end = min(end, state.prompt_len)
