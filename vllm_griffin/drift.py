@@ -57,6 +57,8 @@ def run_drift(args) -> dict:
     from vllm_griffin.algorithm import METHODS
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # beside a running engine, 1 avoids oversubscribing
     methods = parse_list(args.methods, "methods", METHODS)
     densities = parse_list(args.densities, "densities")
     lengths = [int(x) for x in args.prompt_lengths.split(",")]
@@ -135,6 +137,7 @@ def add_parser(tasks) -> None:
     p.add_argument("--methods", default="topk")
     p.add_argument("--densities", default="0.25,0.5,0.75")
     p.add_argument("--out", default="drift.json")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_cli_drift)
 
 
