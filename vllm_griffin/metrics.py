@@ -29,8 +29,9 @@ Exported (``_total``/``_sum``/``_count``/``_bucket`` suffixes as Prometheus adds
 ``vllm:griffin_selection_seconds_total``    counter   worker time selecting experts
 ==========================================  ========  ==============================================
 
-Limits: with ``--api-server-count > 1`` each API server reports its own request
-counts; with data parallelism the worker gauges are engine 0's.
+Limits: with ``--api-server-count > 1`` vLLM serves /metrics from Prometheus'
+multiprocess files, which this collector does not write, so nothing of GRIFFIN's
+is exported there; with data parallelism the worker figures are engine 0's.
 """
 
 from __future__ import annotations

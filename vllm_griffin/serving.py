@@ -162,7 +162,7 @@ def serve_parser() -> argparse.ArgumentParser:
     from vllm_griffin.models import MODELS
 
     parser = argparse.ArgumentParser(
-        prog="vllm-griffin serve",
+        prog="vllm-griffin serve", allow_abbrev=False,  # a shortened vLLM flag must reach vLLM
         description="Start `vllm serve` with GRIFFIN on (`--plugin griffin`), by default on the embedded "
                     f"{DEFAULT_MODEL}, served under that name.",
         epilog="Any other option goes to `vllm serve` unchanged, e.g. --port 8001 --enforce-eager "
