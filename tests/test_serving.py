@@ -334,7 +334,9 @@ def test_metrics_count_requests_by_method_and_density(server):
     assert delta("vllm:griffin_request_density_sum") == pytest.approx(1.25)
     assert delta("vllm:griffin_request_density_bucket", le="0.25") == 1
     assert delta("vllm:griffin_request_density_bucket", le="0.5") == 3
-    assert delta("vllm:griffin_decode_layer_steps_total", path="rows") > 0  # decoded on experts
+    decode_steps = lambda samples: sum(v for (name, _), v in samples.items()  # noqa: E731
+                                       if name == "vllm:griffin_decode_layer_steps_total")
+    assert decode_steps(after) > decode_steps(before)  # decoded on experts (any path)
     assert delta("vllm:griffin_capture_seconds_total") > 0
     assert delta("vllm:griffin_selection_seconds_total") > 0
     assert metric(after, "vllm:griffin_slots_in_use") == 0
