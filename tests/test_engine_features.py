@@ -205,3 +205,21 @@ def test_prefix_cache_hits_select_the_experts_of_a_full_prefill(engines, tiny_ll
     tokens, got_experts, hit = one(continued)
     assert hit == 2 * BLOCK
     assert got_experts == want_experts and tokens == want_tokens
+
+
+def test_sliding_window_model_shares_no_blocks_and_keeps_serving(engines, tmp_path_factory):
+    # Gemma 3's sliding-window layers free and skip blocks per layer: a block id does
+    # not name the same prompt tokens in every layer, so there is no per-block statistic
+    # and GRIFFIN's scheduler registers no block for sharing.
+    from tests.tiny_models import save_tiny
+
+    model_dir = save_tiny("Gemma3ForCausalLM", tmp_path_factory.mktemp("gemma3"))
+    llm = engines.get("features-gemma3-prefix", **engine_kwargs(
+        model_dir, enable_prefix_caching=True, block_size=BLOCK, max_model_len=512, disable_log_stats=False))
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    first, second, _ = prefix_prompts()
+    again = [run(llm, [prompt], max_tokens=8)[0][0] for prompt in (first, second, first)]
+    assert again[0] == again[2]
+    assert metric(llm, "vllm:prefix_cache_hits") == 0
+    (stats,) = worker_stats(llm)
+    assert stats["prefix_hit_tokens"] == 0 and stats["block_stats_blocks"] == 0 and stats["slots_in_use"] == 0
