@@ -111,7 +111,10 @@ def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *ar
         parallel.worker_cls = f"{GriffinWorker.__module__}.{GriffinWorker.__qualname__}"
     scheduler = vllm_config.scheduler_config
     if scheduler.scheduler_cls != _GRIFFIN_SCHEDULER:
-        vllm_config.additional_config[BASE_SCHEDULER_KEY] = scheduler.scheduler_cls
+        base = scheduler.scheduler_cls
+        if isinstance(base, type):  # a class object: its import path travels to the engine core
+            base = f"{base.__module__}.{base.__qualname__}"
+        vllm_config.additional_config[BASE_SCHEDULER_KEY] = base
         scheduler.scheduler_cls = _GRIFFIN_SCHEDULER
     _install_request_validation()
     from vllm_griffin.metrics import install_frontend_hooks
