@@ -304,10 +304,39 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pivot_table(result: dict) -> str:
+    """Per setting: one line per method, ROUGE-L (share of dense; ROUGE-L to the dense output) per density."""
+    out = []
+    for setting in sorted({e["setting"] for e in result["summary"]}):
+        entries = [e for e in result["summary"] if e["setting"] == setting]
+        dense = next((e for e in entries if e["method"] == FULL), None)
+        densities = sorted({e["density"] for e in entries if e["method"] != FULL})
+        rows = max(e["rows"] for e in entries)
+        head = f"**{result['model']}, {setting}** ({rows} rows, {result['max_tokens']} new tokens)"
+        if dense:
+            head += (f": dense ROUGE-1 / 2 / L = {dense['rouge1']:.2f} / {dense['rouge2']:.2f} / {dense['rougeL']:.2f}")
+        out += [head, "", "| method | " + " | ".join(f"d = {d:g}" for d in densities) + " |",
+                "|---|" + "---|" * len(densities)]
+        for method in [m for m in EVAL_METHODS if m != FULL]:
+            cells = []
+            for d in densities:
+                e = next((e for e in entries if e["method"] == method and e["density"] == d), None)
+                if e is None:
+                    cells.append("")
+                    continue
+                kept = f"{100 * e['rougeL_retained']:.0f} %" if e["rougeL_retained"] is not None else "-"
+                agree = f"; {e['rougeL_vs_full']:.1f}" if e.get("rougeL_vs_full") is not None else ""
+                cells.append(f"{e['rougeL']:.2f} ({kept}{agree})")
+            if any(cells):
+                out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def write_outputs(result: dict, out: Path, plot: bool = True) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown_table(result))
+    out.with_suffix(".md").write_text(markdown_table(result) + "\n" + pivot_table(result))
     if plot:
         from vllm_griffin.plots import plot_rouge_vs_density
 

@@ -284,7 +284,9 @@ def _cli_overlap(args) -> int:
     plot_overlap(result, out.with_suffix(".png"), args.plot_methods.split(",") if args.plot_methods else None)
     for g in result["groups"]:
         means = [p["mean"] for p in g["layers"]]
+        union = sum(p["union_fraction"] for p in g["layers"]) / len(g["layers"])
         print(f"{g['method']} d={g['density']:g}: {g['requests']} requests, mean Jaccard {g['mean']:.3f} "
-              f"(layers {min(means):.2f}-{max(means):.2f}; random sets {g['layers'][0]['random_expected']:.2f})")
+              f"(layers {min(means):.2f}-{max(means):.2f}; random sets {g['layers'][0]['random_expected']:.2f}); "
+              f"union of all {g['requests']}: {union:.2f} of the neurons")
     print(f"wrote {out}, {out.with_suffix('.png')}")
     return 0
