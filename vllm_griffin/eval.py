@@ -7,7 +7,8 @@ bar), and vLLM batches them while GRIFFIN keeps each sequence's experts exact.
 Density 1.0 is dense (vLLM's own MLP), reported as the method ``full``.
 
 Settings: ``paper`` (the authors' XSum setting: temperature 0.3, top_p 1,
-stop at ``###``, a fixed seed per request) and ``greedy`` (temperature 0).
+stop at ``###``, a fixed seed: per request where vLLM allows it) and ``greedy``
+(temperature 0).
 Scores: ROUGE-1/2/L F-measures (x100) from the ``rouge-score`` package, with
 its Porter stemmer, averaged over rows.
 
@@ -143,13 +144,24 @@ def plan_jobs(rows: list[dict], settings: list[str], methods: list[str], densiti
     return [Job(setting, m, d, r) for r in range(len(rows)) for setting in settings for m, d in cells]
 
 
-def sampling_params(job: Job, max_tokens: int, seed: int):
+def sampling_params(job: Job, max_tokens: int, seed: int | None):
     from vllm import SamplingParams
 
     extra = {"griffin": {"density": job.density, "method": "topk" if job.method == FULL else job.method}}
     # The same seed for a row in every cell: differences come from the experts, not the dice.
-    return SamplingParams(max_tokens=max_tokens, stop=[STOP], seed=seed + job.row, extra_args=extra,
+    request_seed = None if seed is None or job.setting == "greedy" else seed + job.row
+    return SamplingParams(max_tokens=max_tokens, stop=[STOP], seed=request_seed, extra_args=extra,
                           **SETTINGS[job.setting])
+
+
+def per_request_seeds_work() -> bool:
+    """vLLM 0.32's CPU runner rewinds a seeded request's generator after a partial
+    prefill chunk, which CPU generators refuse ("CPU Generator does not use offset").
+    There the engine seed alone fixes the run (reproducible for the same command,
+    but a row's draws then depend on its batch)."""
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
 
 
 def clean_summary(text: str) -> str:
@@ -242,13 +254,15 @@ def run_xsum(args: argparse.Namespace) -> dict:
     if too_long:
         raise EvalError(f"rows {too_long[:5]} need more than --max-model-len {args.max_model_len} tokens")
 
+    request_seed = args.seed if per_request_seeds_work() else None
     outputs = []
     gen_started = time.perf_counter()
     with tqdm(total=len(jobs), desc=f"xsum {Path(args.model).name}", unit="req", file=sys.stderr) as bar:
         for i in range(0, len(jobs), args.chunk):
             chunk = jobs[i: i + args.chunk]
             results = llm.generate([prompts[j.row] for j in chunk],
-                                   [sampling_params(j, args.max_tokens, args.seed) for j in chunk], use_tqdm=False)
+                                   [sampling_params(j, args.max_tokens, request_seed) for j in chunk],
+                                   use_tqdm=False)
             outputs += [(j, r) for j, r in zip(chunk, results)]
             bar.update(len(chunk))
     generate_s = time.perf_counter() - gen_started
@@ -262,6 +276,7 @@ def run_xsum(args: argparse.Namespace) -> dict:
                for (j, r), p, s in zip(outputs, predictions, scores)]
     run_info = {"settings": settings, "methods": methods, "densities": densities, "engine_start_s": round(engine_s, 1),
                 "generate_s": round(generate_s, 1), "requests": len(jobs),
+                "request_seeds": request_seed is not None,
                 "command": "vllm-griffin " + " ".join(sys.argv[1:]) if args.record_command else None}
     result = previous or {
         "model": args.model, "data": str(data), "rows": [rows[0]["index"], rows[-1]["index"]],
