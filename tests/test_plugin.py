@@ -56,8 +56,12 @@ def test_unsupported_architecture_lists_the_supported_ones(engines, tmp_path):
     cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=128, n_positions=256)
     cfg.architectures = ["GPT2LMHeadModel"]
     cfg.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"does not support architecture \['GPT2LMHeadModel'\]; supported: LlamaForCausalLM"):
+    from vllm_griffin.architectures import ARCHITECTURES
+
+    supported = ", ".join(sorted(ARCHITECTURES))
+    with pytest.raises(ValueError, match=r"does not support architecture \['GPT2LMHeadModel'\]; supported: ") as info:
         start(tmp_path, additional_config={"griffin": {"density": 0.5}})
+    assert str(info.value).endswith(supported) and "OPTForCausalLM" in supported
 
 
 @pytest.mark.slow
