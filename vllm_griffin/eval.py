@@ -149,7 +149,8 @@ def sampling_params(job: Job, max_tokens: int, seed: int | None):
 
     extra = {"griffin": {"density": job.density, "method": "topk" if job.method == FULL else job.method}}
     # The same seed for a row in every cell: differences come from the experts, not the dice.
-    request_seed = None if seed is None or job.setting == "greedy" else seed + job.row
+    # Greedy requests carry it too: GRIFFIN's random/sampling methods draw from it.
+    request_seed = None if seed is None else seed + job.row
     return SamplingParams(max_tokens=max_tokens, stop=[STOP], seed=request_seed, extra_args=extra,
                           **SETTINGS[job.setting])
 
@@ -157,8 +158,10 @@ def sampling_params(job: Job, max_tokens: int, seed: int | None):
 def per_request_seeds_work() -> bool:
     """vLLM 0.32's CPU runner rewinds a seeded request's generator after a partial
     prefill chunk, which CPU generators refuse ("CPU Generator does not use offset").
-    There the engine seed alone fixes the run (reproducible for the same command,
-    but a row's draws then depend on its batch)."""
+    There sampled (paper-setting) requests go without a seed and the engine seed
+    fixes the run (reproducible for the same command, but a row's draws then depend
+    on its batch, and GRIFFIN's random/sampling methods use the engine config's seed).
+    Greedy requests keep theirs: greedy sampling never touches the generator."""
     from vllm.platforms import current_platform
 
     return not current_platform.is_cpu()
@@ -254,14 +257,15 @@ def run_xsum(args: argparse.Namespace) -> dict:
     if too_long:
         raise EvalError(f"rows {too_long[:5]} need more than --max-model-len {args.max_model_len} tokens")
 
-    request_seed = args.seed if per_request_seeds_work() else None
+    seeds_ok = per_request_seeds_work()
     outputs = []
     gen_started = time.perf_counter()
     with tqdm(total=len(jobs), desc=f"xsum {Path(args.model).name}", unit="req", file=sys.stderr) as bar:
         for i in range(0, len(jobs), args.chunk):
             chunk = jobs[i: i + args.chunk]
             results = llm.generate([prompts[j.row] for j in chunk],
-                                   [sampling_params(j, args.max_tokens, request_seed) for j in chunk],
+                                   [sampling_params(j, args.max_tokens, args.seed if seeds_ok or
+                                                    j.setting == "greedy" else None) for j in chunk],
                                    use_tqdm=False)
             outputs += [(j, r) for j, r in zip(chunk, results)]
             bar.update(len(chunk))
@@ -276,7 +280,7 @@ def run_xsum(args: argparse.Namespace) -> dict:
                for (j, r), p, s in zip(outputs, predictions, scores)]
     run_info = {"settings": settings, "methods": methods, "densities": densities, "engine_start_s": round(engine_s, 1),
                 "generate_s": round(generate_s, 1), "requests": len(jobs),
-                "request_seeds": request_seed is not None,
+                "request_seeds": "all" if seeds_ok else "greedy only",
                 "command": "vllm-griffin " + " ".join(sys.argv[1:]) if args.record_command else None}
     result = previous or {
         "model": args.model, "data": str(data), "rows": [rows[0]["index"], rows[-1]["index"]],
