@@ -1,35 +1,36 @@
 #!/usr/bin/env bash
-# The runs behind README's "Quality" section, in pieces of a few minutes each
-# (one vLLM engine per piece; --append merges them into one JSON per model).
-# Times measured on the 2-core CPU box are in the README.
+# The runs behind README's "Quality" section, in pieces of a few minutes each on a
+# 2-core CPU (one vLLM engine per piece; --append merges the pieces of a model into
+# one JSON). Wall times measured here are in the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 Q=benchmarks/results/quality
-RUN="${RUN:-}"   # e.g. RUN="flock /tmp/vllm-griffin-engine.lock" on a shared machine
-GRIFFIN="$RUN $PY -m vllm_griffin.cli"
-
-xsum() {  # model rows tokens out extra-args...
-  local model=$1 rows=$2 tokens=$3 out=$4; shift 4
-  $GRIFFIN eval xsum --model "$model" --limit "$rows" --max-tokens "$tokens" --dtype float32 --out "$out" "$@"
-}
+RUN="${RUN:-}"   # e.g. RUN="flock /tmp/vllm-griffin-engine.lock" on a machine shared with other engines
+griffin() { $RUN $PY -m vllm_griffin.cli "$@"; }
+EXPORTS=$(mktemp -d)
 
 for model in smollm2-135m-instruct gemma-3-270m; do
-  rows=20; [ "$model" = gemma-3-270m ] && rows=${GEMMA_ROWS:-10}
+  rows=16; [ "$model" = gemma-3-270m ] && rows=8
   out=$Q/xsum_$model.json
-  # 1. the paper's methods and baselines, greedy
-  xsum $model $rows 64 $out --setting greedy --methods full,topk,magnitude,random,sample,topk_sample
-  # 2. the new methods, greedy
-  xsum $model $rows 64 $out --append --setting greedy --methods topk_down,topk_down_first_dense
-  # 3. the paper's sampled setting (temperature 0.3, seed per row)
-  xsum $model $rows 64 $out --append --setting paper --methods full,topk,topk_down,topk_down_first_dense
-  # 4. the issue's reference point: rows 0-39, 48 greedy tokens, density 0.5
-  xsum $model 40 48 $Q/xsum_ref40_$model.json --setting greedy --methods full,topk,topk_down,topk_down_first_dense \
-    --densities 0.5 --export-experts $Q/experts_$model
-  $PY -m vllm_griffin.cli plot overlap --experts $Q/experts_$model --out $Q/overlap_$model.json
-  rm -rf $Q/experts_$model
+  # 1. the paper's method and its baselines, greedy (experts exported for the overlap figure)
+  griffin eval xsum --model $model --limit $rows --max-tokens 64 --out $out --setting greedy \
+    --methods full,topk,magnitude,random,sample,topk_sample --export-experts $EXPORTS/$model
+  # 2. the two variants, greedy
+  griffin eval xsum --model $model --limit $rows --max-tokens 64 --out $out --append --setting greedy \
+    --methods topk_down,topk_down_first_dense
+  # 3. the issue's reference point: rows 0-39, 48 greedy tokens, density 0.5
+  griffin eval xsum --model $model --limit 40 --max-tokens 48 --out $Q/xsum_ref40_$model.json --setting greedy \
+    --methods full,topk,topk_down,topk_down_first_dense --densities 0.5
+  $PY -m vllm_griffin.cli plot overlap --experts $EXPORTS/$model --plot-methods topk,topk_sample \
+    --out $Q/overlap_$model.json
 done
+# the paper's sampled setting (temperature 0.3), SmolLM2
+griffin eval xsum --model smollm2-135m-instruct --limit 16 --max-tokens 64 --out $Q/xsum_smollm2-135m-instruct.json \
+  --append --setting paper --methods full,topk,topk_down,topk_down_first_dense
+rm -rf "$EXPORTS"
+# Hugging Face model only (no engine)
 $PY -m vllm_griffin.cli plot flocking --model smollm2-135m-instruct --row 0 --out $Q/flocking_smollm2.png
 $PY -m vllm_griffin.cli plot flocking --model gemma-3-270m --row 0 --out $Q/flocking_gemma3.png
 $PY -m vllm_griffin.cli eval drift --model smollm2-135m-instruct --methods topk,topk_down,topk_down_first_dense \
-  --densities 0.5 --out $Q/drift_smollm2.json
+  --densities 0.5 --prompts 2 --threads 1 --out $Q/drift_smollm2.json
