@@ -25,8 +25,10 @@ for model in smollm2-135m-instruct gemma-3-270m; do
   $PY -m vllm_griffin.cli plot overlap --experts $EXPORTS/$model --plot-methods topk,topk_sample \
     --out $Q/overlap_$model.json
 done
-# the paper's sampled setting (temperature 0.3), SmolLM2
+# the paper's sampled setting (temperature 0.3)
 griffin eval xsum --model smollm2-135m-instruct --limit 16 --max-tokens 64 --out $Q/xsum_smollm2-135m-instruct.json \
+  --append --setting paper --methods full,topk,topk_down,topk_down_first_dense
+griffin eval xsum --model gemma-3-270m --limit 8 --max-tokens 64 --out $Q/xsum_gemma-3-270m.json \
   --append --setting paper --methods full,topk,topk_down,topk_down_first_dense
 rm -rf "$EXPORTS"
 # Hugging Face model only (no engine)
