@@ -20,6 +20,8 @@ def _pyplot():
 
 def plot_rouge_vs_density(result: dict, path: Path, metric: str = "rougeL") -> Path:
     """One panel per setting: ``metric`` vs density, a line per method, dense as a dashed line."""
+    from vllm_griffin.eval import EVAL_METHODS
+
     plt = _pyplot()
     summary = result["summary"]
     settings = sorted({e["setting"] for e in summary})
@@ -31,7 +33,9 @@ def plot_rouge_vs_density(result: dict, path: Path, metric: str = "rougeL") -> P
             points = sorted((e["density"], e[metric]) for e in entries if e["method"] == method)
             if dense:
                 points.append((1.0, dense[metric]))
-            ax.plot([d for d, _ in points], [v for _, v in points], marker="o", label=method)
+            # One colour per method in every panel and figure.
+            color = f"C{EVAL_METHODS.index(method) % 10}" if method in EVAL_METHODS else None
+            ax.plot([d for d, _ in points], [v for _, v in points], marker="o", label=method, color=color)
         if dense:
             ax.axhline(dense[metric], color="black", linestyle="--", linewidth=1, label="full (dense)")
         rows = entries[0]["rows"] if entries else 0
