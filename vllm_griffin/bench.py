@@ -88,7 +88,9 @@ class Runner:
         self.llm = LLM(model=str(path), skip_tokenizer_init=True, dtype=args.dtype, enforce_eager=not args.compile,
                        gpu_memory_utilization=0.5, max_model_len=args.prompt_len + args.gen_len + 8,
                        max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b * args.prompt_len),
-                       additional_config={"griffin": {"density": 0.5}}, seed=0, **extra)
+                       additional_config={"griffin": {"density": 0.5}}, seed=0,
+                       # Repeated prompts would hit the cache and skew the prefill figures.
+                       enable_prefix_caching=False, **extra)
         self.args = args
         self.run_id = 0
 
