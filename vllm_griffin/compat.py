@@ -19,6 +19,9 @@ import importlib
 # (module, attribute path) pairs; each row names one thing GRIFFIN relies on.
 PLUGIN_LOAD_HOOKS: tuple[tuple[str, str], ...] = (
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),  # wrapped by register()
+    # `vllm serve --plugin griffin`: the parser group and its folding into additional_config
+    ("vllm.engine.arg_utils", "EngineArgs.add_cli_args"),
+    ("vllm.engine.arg_utils", "EngineArgs.from_cli_args"),
 )
 
 ENGINE_HOOKS: tuple[tuple[str, str], ...] = PLUGIN_LOAD_HOOKS + (
