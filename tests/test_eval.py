@@ -46,7 +46,7 @@ def test_plan_asks_dense_once_per_setting():
 
 
 @pytest.mark.slow
-def test_xsum_eval_on_an_engine(tmp_path, smollm2_dir):
+def test_xsum_eval_on_an_engine(engines, tmp_path, smollm2_dir):
     """Two rows, 8 greedy tokens, dense + topk + topk_down_first_dense at 0.5, experts exported:
     the JSON holds real outputs, its ROUGE is recomputable from them, dense equals the
     Hugging Face model's greedy tokens, and the exported experts give an overlap table."""
@@ -55,6 +55,7 @@ def test_xsum_eval_on_an_engine(tmp_path, smollm2_dir):
            "--limit", "2", "--setting", "greedy", "--methods", "full,topk,topk_down_first_dense", "--densities", "0.5",
            "--max-tokens", "8", "--dtype", "float32", "--out", str(out), "--export-experts", str(experts)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    engines.close()  # this process's engine holds the lock: waiting on it here would never end
     with engine_lock():
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
