@@ -25,10 +25,12 @@ def prompts(tokenizer):
         "Write a haiku about the sea.",
         "Explain in one sentence why the sky is blue.",
     ]
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                           add_generation_prompt=True) for t in texts[1:]]
-    # The chat templates write the BOS themselves (Gemma's does; SmolLM2 has none).
-    ids = [tokenizer(texts[0])["input_ids"]] + [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
+    if tokenizer.chat_template is None:  # Gemma-3-270M's GGUF carries no chat template: plain text
+        ids = [tokenizer(t)["input_ids"] for t in texts]
+    else:  # the template writes any BOS itself
+        chats = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts[1:]]
+        ids = [tokenizer(texts[0])["input_ids"]] + [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
     if DATA.exists():  # a real XSum 1-shot prompt, truncated to keep the test quick
         article = json.loads(DATA.read_text().splitlines()[0])["article"]
         ids.append(tokenizer(article)["input_ids"][-300:])
