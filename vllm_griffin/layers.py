@@ -60,8 +60,8 @@ class GriffinMLP(nn.Module):
         if spec.mlp is not None:
             # Adopt the MLP's modules under their own names: checkpoints, LoRA names
             # and ``reload_weights`` see the same parameters.
-            for attr in (spec.gate_up, spec.down, spec.act):
-                setattr(self, attr, getattr(host, attr))
+            for attr, module in zip((spec.gate_up, spec.down, spec.act), self._modules_used):
+                setattr(self, attr, module)
             self._gate_up_fn, self._down_fn, self._act_fn = gate_up, down, act
             # The untouched forward: used whenever no token needs GRIFFIN.
             self.dense_forward = host.forward
@@ -117,15 +117,10 @@ class GriffinMLP(nn.Module):
             weights = ops.ExpertWeights.ungated(w_gate_up, weight, b_gate_up, b_down)
         elif weight.device.type == "cpu":
             # One [D, 3, H] block: a neuron's three rows are adjacent (one stream).
-            weights = ops.ExpertWeights.interleaved(w_gate_up, weight)
+            weights = ops.ExpertWeights.interleaved(w_gate_up, weight, b_gate_up, b_down)
         else:
             # GPUs keep vLLM's gate_up rows as they are; only down is transposed.
-            weights = ops.ExpertWeights.separate(w_gate_up, weight.t().contiguous())
-        if self.spec.gated and (b_gate_up is not None or b_down is not None):
-            width = weights.width
-            weights.gate_bias = None if b_gate_up is None else b_gate_up[:width]
-            weights.up_bias = None if b_gate_up is None else b_gate_up[width:]
-            weights.down_bias = b_down
+            weights = ops.ExpertWeights.separate(w_gate_up, weight.t().contiguous(), b_gate_up, b_down)
         self.expert_weights = weights
         self._gate_up_loaded = None
 

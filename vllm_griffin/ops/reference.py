@@ -48,7 +48,8 @@ class ExpertWeights:
         return any(b is not None for b in (self.gate_bias, self.up_bias, self.down_bias))
 
     @classmethod
-    def interleaved(cls, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> "ExpertWeights":
+    def interleaved(cls, w_gate_up: torch.Tensor, w_down: torch.Tensor, b_gate_up: torch.Tensor | None = None,
+                    b_down: torch.Tensor | None = None) -> "ExpertWeights":
         """From vLLM's [2D, H] gate_up and [H, D] down weights into one [D, 3, H] block:
         a neuron's three rows are adjacent, so gathering experts reads one stream."""
         width = w_down.shape[1]
@@ -56,12 +57,13 @@ class ExpertWeights:
         block[:, 0].copy_(w_gate_up[:width])
         block[:, 1].copy_(w_gate_up[width:])
         block[:, 2].copy_(w_down.t())
-        return cls(block[:, 0], block[:, 1], block[:, 2])
+        return cls(block[:, 0], block[:, 1], block[:, 2], **_gated_biases(width, b_gate_up, b_down))
 
     @classmethod
-    def separate(cls, w_gate_up: torch.Tensor, w_down_t: torch.Tensor) -> "ExpertWeights":
+    def separate(cls, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, b_gate_up: torch.Tensor | None = None,
+                 b_down: torch.Tensor | None = None) -> "ExpertWeights":
         width = w_down_t.shape[0]
-        return cls(w_gate_up[:width], w_gate_up[width:], w_down_t)
+        return cls(w_gate_up[:width], w_gate_up[width:], w_down_t, **_gated_biases(width, b_gate_up, b_down))
 
     @classmethod
     def ungated(cls, w_fc1: torch.Tensor, w_fc2: torch.Tensor, fc1_bias: torch.Tensor | None,
@@ -117,6 +119,13 @@ def experts_mlp_masked(x, weights: ExpertWeights, experts, counts, act_and_mul: 
     mask = z.new_zeros(z.shape[0], width + 1).scatter_(1, idx, 1.0)[:, :width]
     out = (z * mask) @ weights.down_t
     return out if weights.down_bias is None else out + weights.down_bias
+
+
+def _gated_biases(width: int, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None) -> dict:
+    """vLLM's merged [2D] gate_up bias split like its weight, plus down's [H] bias."""
+    if b_gate_up is None:
+        return {"down_bias": b_down}
+    return {"gate_bias": b_gate_up[:width], "up_bias": b_gate_up[width:], "down_bias": b_down}
 
 
 def valid_entries(experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
