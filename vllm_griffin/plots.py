@@ -18,6 +18,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path) -> Path:
+    """Every figure here is written the same way: tight layout, 110 dpi, closed."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def plot_rouge_vs_density(result: dict, path: Path, metric: str = "rougeL") -> Path:
     """One panel per setting: ``metric`` vs density, a line per method, dense as a dashed line."""
     from vllm_griffin.eval import EVAL_METHODS
@@ -44,11 +52,7 @@ def plot_rouge_vs_density(result: dict, path: Path, metric: str = "rougeL") -> P
         ax.set_ylabel({"rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2"}[metric])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_drift(result: dict, path: Path) -> Path:
@@ -67,10 +71,7 @@ def plot_drift(result: dict, path: Path) -> Path:
                  f"{result['max_tokens']} generated", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 # -- flocking -------------------------------------------------------------------------
@@ -129,10 +130,7 @@ def plot_flocking(data: dict, path: Path, neurons: int = 512) -> Path:
     ax2.set_xlabel("fraction of neurons kept (top by statistic)")
     ax2.set_ylabel("share of prompt activation mass")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 # -- expert overlap -------------------------------------------------------------------
@@ -210,10 +208,7 @@ def plot_overlap(result: dict, path: Path, methods: list[str] | None = None) -> 
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 # -- command line ---------------------------------------------------------------------
