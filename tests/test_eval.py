@@ -54,6 +54,14 @@ def test_xsum_eval_on_an_engine(engines, tmp_path, smollm2_dir):
     cmd = [sys.executable, "-m", "vllm_griffin.cli", "eval", "xsum", "--model", "smollm2-135m-instruct",
            "--limit", "2", "--setting", "greedy", "--methods", "full,topk,topk_down_first_dense", "--densities", "0.5",
            "--max-tokens", "8", "--dtype", "float32", "--out", str(out), "--export-experts", str(experts)]
+    try:
+        quality_eval.resolve_data(None)
+    except quality_eval.EvalError:  # a clone without ../shared beside it: two rows of our own
+        data = tmp_path / "rows.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in [
+            {"article": "Article: The town council approved a new park on Monday.\nSummary:", "summary_gt": "A park is approved."},
+            {"article": "Article: Heavy rain flooded roads across the county.\nSummary:", "summary_gt": "Rain floods roads."}]))
+        cmd += ["--data", str(data)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     engines.close()  # this process's engine holds the lock: waiting on it here would never end
     with engine_lock():
