@@ -7,6 +7,8 @@ Paths (every one gives each row exactly its own experts' result):
   (the two CPU orders give identical bits, so switching between them never
   changes a row's result);
 * ``triton`` -- GPU kernels, per-row gather-GEMV (vllm_griffin/ops/triton_experts.py);
+* ``triton_union`` -- GPU kernels, each union neuron's weights read once for all rows
+  (``experts_mlp_triton_union``); only chosen when the cost model has union constants;
 * ``masked`` -- vLLM's own dense GEMMs with non-experts zeroed per row;
 * ``gather`` -- plain-torch reference (no kernel for this device/dtype/activation).
 
@@ -32,8 +34,9 @@ class CostModel:
 
     dense = max(D, dense_compute * T * D)
     rows  = overhead + rows_stream * P                      (each row streams its experts)
-    union = overhead + max(union_stream * U, union_compute * P)   (each used neuron once)
-    with T rows, P = sum of their expert counts, U = distinct neurons they use.
+    union = union_overhead + max(union_stream * U, union_compute * P)   (each used neuron once)
+    with T rows, P = sum of their expert counts, U = distinct neurons they use
+    (an upper bound where the host cannot count it without a device sync).
     """
 
     dense_compute: float
@@ -41,6 +44,7 @@ class CostModel:
     union_stream: float | None      # None: no union kernel on this device
     union_compute: float = 0.0
     overhead: float = 0.0
+    union_overhead: float | None = None   # None: the same as ``overhead``
     min_gain: float = 1.05          # predicted speed-up needed to leave vLLM's dense GEMM
 
 
@@ -49,7 +53,10 @@ class CostModel:
 CPU_COST = CostModel(dense_compute=0.07, rows_stream=0.75, union_stream=1.4, union_compute=0.19)
 # H200, bf16, Llama-3-8B MLP, launches replayed from CUDA graphs; fitted to
 # benchmarks/results/h200_triton_experts.json: ~21 us + 0.89x dense's time per streamed
-# neuron for the per-row Triton kernel; cuBLAS stays ~96 us up to T = 8. No union kernel yet.
+# neuron for the per-row Triton kernel; cuBLAS stays ~96 us up to T = 8.
+# The union kernel (experts_mlp_triton_union) exists but has not been timed on a GPU:
+# union_stream stays None (never chosen) until `python benchmarks/gpu_kernels.py` has run
+# on the H200; it prints the fitted union_stream / union_overhead / union_compute to put here.
 GPU_COST = CostModel(dense_compute=0.0055, rows_stream=0.89, union_stream=None, overhead=3200.0)
 
 
@@ -61,15 +68,21 @@ def predicted_times(rows: int, width: int, union: int, products: int, cost: Cost
     times = {"dense": max(width, cost.dense_compute * rows * width),
              "rows": cost.overhead + cost.rows_stream * products}
     if cost.union_stream is not None and rows > 1:
-        times["union"] = cost.overhead + max(cost.union_stream * union, cost.union_compute * products)
+        overhead = cost.overhead if cost.union_overhead is None else cost.union_overhead
+        times["union"] = overhead + max(cost.union_stream * union, cost.union_compute * products)
     return times
 
 
-def choose_path(device: torch.device, kernel_ok: bool, rows: int, width: int, union: int, products: int) -> str:
+# The kernels each path name stands for, per device type.
+GPU_PATHS = {"rows": "triton", "union": "triton_union"}
+
+
+def choose_path(device: torch.device, kernel_ok: bool, rows: int, width: int, union: int, products: int,
+                cost: CostModel | None = None) -> str:
     """The fastest predicted path; the expert kernels must beat dense by ``min_gain``."""
     if not kernel_ok:
         return "masked" if products > width else "gather"
-    cost = cost_model(device)
+    cost = cost or cost_model(device)
     times = predicted_times(rows, width, union, products, cost)
     dense = times.pop("dense")
     best = min(times, key=times.get)
@@ -77,13 +90,14 @@ def choose_path(device: torch.device, kernel_ok: bool, rows: int, width: int, un
         return "masked"
     if device.type == "cpu":
         return best
-    return "triton"
+    return GPU_PATHS[best]
 
 
-def kernel_can_win(device: torch.device, rows: int, width: int, kmax: int, products: int) -> bool:
+def kernel_can_win(device: torch.device, rows: int, width: int, kmax: int, products: int,
+                   cost: CostModel | None = None) -> bool:
     """False when even the smallest possible union (kmax) cannot beat dense: then
     the union need not be counted at all."""
-    cost = cost_model(device)
+    cost = cost or cost_model(device)
     times = predicted_times(rows, width, kmax, products, cost)
     dense = times.pop("dense")
     return dense / min(times.values()) >= cost.min_gain

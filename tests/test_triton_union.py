@@ -1,0 +1,176 @@
+"""The union-tiled Triton decode kernel against the plain-torch reference (the oracle),
+on CPU under TRITON_INTERPRET=1, and the dispatch decision that would pick it on a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_griffin.ops import choose_path, kernel_can_win
+from vllm_griffin.ops.dispatch import CPU_COST, GPU_COST
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a subprocess: TRITON_INTERPRET must be set before triton is imported, and the
+# rest of the test session imports triton without it. Prints one JSON object of
+# {case name: measured value}; the tests below judge each value.
+INTERPRETER_CHECKS = r"""
+import json, torch
+from tests.test_kernels import act_and_mul
+from vllm_griffin.ops.reference import ExpertWeights, experts_mlp_gather
+from vllm_griffin.ops.triton_experts import experts_mlp_triton_union, union_membership, union_neurons
+
+def expert_table(rows, width, counts, sets, gen):
+    # [T, kmax]: each row's experts first, then table padding (real neurons past the count).
+    kmax = max(counts)
+    if sets == "random":      # independent random sets
+        return torch.stack([torch.randperm(width, generator=gen)[:kmax] for _ in range(rows)])
+    if sets == "overlap":     # every row takes a prefix of one shared order: heavy overlap
+        order = torch.randperm(width, generator=gen)
+        return torch.stack([order[:kmax][torch.randperm(kmax, generator=gen)] for _ in range(rows)])
+    if sets == "disjoint":    # rows own separate slices of the neurons (needs rows * kmax <= width)
+        order = torch.randperm(width, generator=gen)
+        return torch.stack([order[t * kmax:(t + 1) * kmax] for t in range(rows)])
+    raise ValueError(sets)
+
+def make(rows, hidden, width, counts, sets, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    w_gate_up = (torch.randn(2 * width, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    w_down_t = (torch.randn(width, hidden, generator=gen) / width ** 0.5).to(dtype)
+    return x, ExpertWeights.separate(w_gate_up, w_down_t), expert_table(rows, width, counts, sets, gen), torch.tensor(counts)
+
+def reference(x, w, experts, counts, act):
+    # fp64 from the very same (possibly bf16) numbers the kernel reads.
+    w64 = ExpertWeights(w.gate.double(), w.up.double(), w.down_t.double())
+    return experts_mlp_gather(x.double(), w64, experts, counts, act_and_mul(act))
+
+def rel_err(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+SHAPES = {  # name: rows, hidden, width, counts (a row with 0, odd k), expert sets
+    "random_2rows": (2, 64, 96, [48, 47], "random"),
+    "random_mixed_counts": (4, 100, 80, [40, 0, 37, 1], "random"),
+    "overlap": (5, 40, 33, [33, 1, 17, 32, 5], "overlap"),
+    "disjoint": (3, 48, 96, [30, 29, 31], "disjoint"),
+    "one_row": (1, 72, 50, [25], "random"),
+}
+out = {}
+for name, (rows, hidden, width, counts, sets) in SHAPES.items():
+    for dtype in (torch.float32, torch.bfloat16):
+        for act in ("silu", "gelu_tanh"):
+            x, w, experts, counts_t = make(rows, hidden, width, counts, sets, dtype)
+            want = reference(x, w, experts, counts_t, act)
+            for split_h, split_u in ((1, 1), (3, 2)):
+                got = experts_mlp_triton_union(x, w, experts, counts_t, act, block_u=16, block_h=32,
+                                               split_h=split_h, split_u=split_u)
+                assert got.dtype == dtype and got.shape == want.shape
+                out[f"{name}-{str(dtype)[6:]}-{act}-split{split_h}{split_u}"] = rel_err(got, want)
+
+# The two other activations, and the rows' own masks given instead of the expert table.
+x, w, experts, counts_t = make(4, 100, 80, [40, 0, 37, 1], "random", torch.float32, seed=1)
+for act in ("gelu", "relu"):
+    got = experts_mlp_triton_union(x, w, experts, counts_t, act, block_u=16, block_h=32)
+    out[f"random_mixed_counts-float32-{act}-split11"] = rel_err(got, reference(x, w, experts, counts_t, act))
+masks = union_membership(experts, counts_t, 80).bool()
+got = experts_mlp_triton_union(x, w, experts, counts_t, "silu", masks=masks, block_u=16, block_h=32)
+out["masks_given-float32-silu"] = rel_err(got, reference(x, w, experts, counts_t, "silu"))
+
+# More rows than one launch takes (they run in chunks of 64).
+counts = [(7 * t) % 40 for t in range(70)]
+x, w, experts, counts_t = make(70, 32, 40, counts, "random", torch.float32, seed=2)
+got = experts_mlp_triton_union(x, w, experts, counts_t, "silu", block_u=16, block_h=32)
+out["chunked_70rows-float32-silu"] = rel_err(got, reference(x, w, experts, counts_t, "silu"))
+
+# Each row's result is its own: the same row alone gives the same numbers (fp order aside).
+x, w, experts, counts_t = make(4, 100, 80, [40, 0, 37, 1], "random", torch.float32, seed=3)
+batch = experts_mlp_triton_union(x, w, experts, counts_t, "silu", block_u=16, block_h=32)
+alone = torch.cat([experts_mlp_triton_union(x[t:t + 1], w, experts[t:t + 1], counts_t[t:t + 1], "silu",
+                                            block_u=16, block_h=32) for t in range(4)])
+out["row_alone_vs_batch"] = (batch - alone).abs().max().item() / batch.abs().max().item()
+
+# Only union neurons are read: poison every other neuron's weights with NaN.
+member = union_membership(experts, counts_t, 80)
+unused = member.amax(0) == 0
+poisoned = ExpertWeights(w.gate.clone(), w.up.clone(), w.down_t.clone())
+for m in (poisoned.gate, poisoned.up, poisoned.down_t):
+    m[unused] = float("nan")
+got = experts_mlp_triton_union(x, poisoned, experts, counts_t, "silu", block_u=16, block_h=32, split_h=3, split_u=2)
+out["unused_neurons_poisoned"] = rel_err(got, reference(x, w, experts, counts_t, "silu"))
+out["poisoned_neurons"] = int(unused.sum())
+
+# The device-side union list is the sorted set of used neurons.
+union, n_union = union_neurons(member)
+n = int(n_union)
+out["union_list_exact"] = bool(torch.equal(union[:n].long(), member.amax(0).nonzero().flatten()))
+out["union_size"] = n
+empty, n_empty = union_neurons(torch.zeros(3, 80, dtype=torch.uint8))
+out["empty_union_size"] = int(n_empty)
+
+# No row has an expert: exact zeros.
+x, w, experts, counts_t = make(3, 48, 90, [0, 0, 0], "random", torch.float32)
+experts = torch.zeros(3, 5, dtype=torch.long)
+out["all_counts_zero_max_abs"] = experts_mlp_triton_union(x, w, experts, counts_t, "silu").abs().max().item()
+print("RESULTS" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_CHECKS], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULTS")[-1])
+
+
+def test_union_kernel_matches_reference_for_every_case(interpreter_results):
+    errors = {k: v for k, v in interpreter_results.items() if "-" in k}
+    assert len(errors) == 5 * 2 * 2 * 2 + 2 + 1 + 1  # every case ran
+    # fp32: fp32 dots ("ieee"); bf16: h and the output are rounded to bf16, as in vLLM's dense MLP.
+    too_far = {k: v for k, v in errors.items() if not v < (2e-2 if "bfloat16" in k else 1e-5)}
+    assert not too_far, too_far
+
+
+def test_union_kernel_rows_are_independent(interpreter_results):
+    assert interpreter_results["row_alone_vs_batch"] < 1e-5
+
+
+def test_union_kernel_reads_only_union_neurons(interpreter_results):
+    assert interpreter_results["poisoned_neurons"] > 0  # the poison is really there
+    assert interpreter_results["unused_neurons_poisoned"] < 1e-5
+
+
+def test_union_list_on_the_device(interpreter_results):
+    assert interpreter_results["union_list_exact"]
+    assert 0 < interpreter_results["union_size"] < 80
+    assert interpreter_results["empty_union_size"] == 0
+    assert interpreter_results["all_counts_zero_max_abs"] == 0.0
+
+
+def test_dispatch_picks_union_kernel_only_with_union_constants():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    D, k = 14336, 7168  # Llama-3-8B MLP width, d = 0.5
+    # Hypothetical constants of the kind benchmarks/gpu_kernels.py fits (not measured).
+    with_union = dataclasses.replace(GPU_COST, union_stream=1.0, union_overhead=4000.0)
+    # Heavily overlapping sets (union 8000 of 14336): the union kernel reads 8000 neurons once,
+    # the per-row kernel 4 x 7168, dense 14336.
+    assert choose_path(cuda, True, 4, D, 8000, 4 * k, cost=with_union) == "triton_union"
+    # One row has nothing to share: the per-row kernel.
+    assert choose_path(cuda, True, 1, D, k, k, cost=with_union) == "triton"
+    # Independent sets cover nearly every neuron: dense wins.
+    assert choose_path(cuda, True, 4, D, D, 4 * k, cost=with_union) == "masked"
+    assert kernel_can_win(cuda, 4, D, k, 4 * k, cost=with_union)
+    # Without union constants (the shipped GPU_COST, no H200 timing yet) it is never chosen.
+    assert GPU_COST.union_stream is None
+    assert choose_path(cuda, True, 4, D, 8000, 4 * k) == "masked"
+    assert not kernel_can_win(cuda, 4, D, k, 4 * k)
+    # The CPU's union path keeps its own name (the C kernel), unchanged.
+    assert choose_path(cpu, True, 64, 8192, 2048, 64 * 2048, cost=CPU_COST) == "union"
