@@ -166,7 +166,8 @@ class GriffinMLP(nn.Module):
             path = "masked"  # even the smallest union loses: no need to count it
         else:
             experts, counts = self.state.sparse_experts(layer, plan)
-            union = ops.union_size(experts, counts, width) if xs.device.type == "cpu" else products
+            # GPU: counting the union would sync with the device; use its upper bound.
+            union = ops.union_size(experts, counts, width) if xs.device.type == "cpu" else min(products, width)
             path = ops.choose_path(xs.device, kernel_ok, rows, width, union, products)
         self.state.record_path(path, union, rows)
         if path == "masked":
@@ -183,6 +184,11 @@ class GriffinMLP(nn.Module):
             from vllm_griffin.ops.triton_experts import experts_mlp_triton
 
             out = experts_mlp_triton(xs, self.expert_weights, experts, counts, self.activation)
+        elif path == "triton_union":
+            from vllm_griffin.ops.triton_experts import experts_mlp_triton_union
+
+            out = experts_mlp_triton_union(xs, self.expert_weights, experts, counts, self.activation,
+                                           masks=self.state.sparse_masks(layer, plan))
         else:
             out = ops.experts_mlp_gather(xs, self.expert_weights, experts, counts, self._act_fn).to(xs.dtype)
         if getattr(self.down, "tp_size", 1) > 1 and getattr(self.down, "reduce_results", True):
