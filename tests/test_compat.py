@@ -14,6 +14,13 @@ def test_installed_vllm_has_every_hook():
     assert len(ENGINE_HOOKS) > 10
 
 
+def test_installed_vllm_has_every_model_runner_v2_hook():
+    # griffin.cuda_graphs=true runs on Model Runner V2 (CUDA only), checked on GPUs at config time.
+    from vllm_griffin.compat import GRAPH_HOOKS, missing_hooks
+
+    assert missing_hooks(GRAPH_HOOKS) == []
+
+
 def test_missing_runner_hook_fails_griffin_engine_config_naming_version_and_hook(monkeypatch, tiny_llama_dir):
     import vllm
     from vllm.engine.arg_utils import EngineArgs

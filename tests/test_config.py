@@ -29,6 +29,7 @@ def test_defaults_and_values():
     ({"density": math.nan}, "density"), ({"density": "half"}, "density"), ({"density": True}, "density"),
     ({"method": "top"}, "method"), ({"densities": []}, "densities"), ({"densities": [0.5, 0]}, r"densities\[1\]"),
     ({"densities": "0.5"}, "densities"), ({"seed": 1.5}, "seed"), ({"dense": 0.5}, "dense"),
+    ({"cuda_graphs": "yes"}, "cuda_graphs"), ({"cuda_graphs": 1}, "cuda_graphs"),
 ])
 def test_bad_engine_values(raw, key):
     with pytest.raises(GriffinConfigError, match=key) as info:

@@ -49,6 +49,20 @@ ENGINE_HOOKS: tuple[tuple[str, str], ...] = PLUGIN_LOAD_HOOKS + (
     ("vllm.distributed", "tensor_model_parallel_all_gather"),
 )
 
+# griffin.cuda_graphs=true (CUDA): Model Runner V2's model state, its batch, and the graph dispatch.
+GRAPH_HOOKS: tuple[tuple[str, str], ...] = (
+    ("vllm.v1.worker.gpu.model_states", "resolve_model_state_cls"),
+    ("vllm.v1.worker.gpu.model_states.default", "DefaultModelState.add_request"),
+    ("vllm.v1.worker.gpu.model_states.default", "DefaultModelState.prepare_inputs"),
+    ("vllm.v1.worker.gpu.model_states.default", "DefaultModelState.postprocess_state"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.finish_requests"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.gather_batch_req_state"),
+    ("vllm.v1.worker.gpu.model_runner", "BatchReqState._replace"),
+    ("vllm.v1.worker.gpu.input_batch", "InputBatch.make_dummy"),
+    ("vllm.forward_context", "is_forward_context_available"),
+    ("vllm.config.compilation", "CUDAGraphMode.FULL_AND_PIECEWISE"),
+)
+
 
 def missing_hooks(hooks: tuple[tuple[str, str], ...] = ENGINE_HOOKS) -> list[str]:
     """``module:attribute`` of every hook that is not there (empty when all are)."""

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from vllm_griffin.algorithm import METHODS
 
 CONFIG_KEY = "griffin"
-ENGINE_KEYS = ("density", "method", "densities", "seed", "tp_selection")
+ENGINE_KEYS = ("density", "method", "densities", "seed", "tp_selection", "cuda_graphs")
 # Tensor parallelism: "global" = the exact top-k over all ranks' neurons (what one
 # device selects); "per_rank" = floor(density * D/tp) from each rank's own slice.
 TP_SELECTIONS = ("global", "per_rank")
@@ -52,6 +52,9 @@ class GriffinConfig:
     # Seeds the random/sampling baselines (a request's own `seed` takes precedence).
     seed: int = 0
     tp_selection: str = "global"
+    # CUDA: run on Model Runner V2 with CUDA graphs (graph-safe decode path) instead of
+    # the eager V1 runner. Off by default until it has run on a GPU here.
+    cuda_graphs: bool = False
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> GriffinConfig | None:
@@ -86,6 +89,10 @@ class GriffinConfig:
             if raw["tp_selection"] not in TP_SELECTIONS:
                 raise GriffinConfigError("tp_selection", raw["tp_selection"], ", ".join(TP_SELECTIONS), where)
             kwargs["tp_selection"] = raw["tp_selection"]
+        if "cuda_graphs" in raw:
+            if not isinstance(raw["cuda_graphs"], bool):
+                raise GriffinConfigError("cuda_graphs", raw["cuda_graphs"], "true or false", where)
+            kwargs["cuda_graphs"] = raw["cuda_graphs"]
         return cls(**kwargs)
 
     def check_num_layers(self, num_layers: int) -> None:

@@ -39,6 +39,10 @@ _REQUIRED_RUNNER_ATTRS = ("load_model", "_model_forward", "_on_request_state_rem
                           "query_start_loc", "requests", "get_model")
 
 
+# Model Runner V2 (vllm/v1/worker/gpu/model_runner.py): GRIFFIN's model state does the rest.
+_REQUIRED_RUNNER_V2_ATTRS = ("finish_requests", "gather_batch_req_state", "load_model")
+
+
 class GriffinCompatError(RuntimeError):
     """vLLM moved: a hook GRIFFIN relies on is missing."""
 
@@ -93,15 +97,27 @@ def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *ar
     missing = missing_hooks()
     if missing:  # before anything starts: name the vLLM version and every missing hook
         raise compat_error(", ".join(missing))
-    _prefer_v1_runner()
-    _no_cuda_graphs_yet(engine_args)
+    graphs = _use_cuda_graphs(cfg)
+    if graphs:
+        from vllm_griffin.compat import GRAPH_HOOKS
+
+        missing = missing_hooks(GRAPH_HOOKS)
+        if missing:
+            raise compat_error(", ".join(missing))
+        _prefer_v2_runner(engine_args)
+    else:
+        _prefer_v1_runner()
+        _no_cuda_graphs_yet(engine_args)
     _refuse_quantization(engine_args.quantization)  # before vLLM checks the method for this platform
     vllm_config = original(engine_args, *args, **kwargs)
     spec_for(vllm_config.model_config.architectures)  # unsupported architecture -> clear error now
     _refuse_quantization(vllm_config.model_config.quantization)  # e.g. from the checkpoint's config
     cfg.check_num_layers(vllm_config.model_config.hf_text_config.num_hidden_layers)
-    if getattr(vllm_config, "use_v2_model_runner", False):
-        raise compat_error("support for Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
+    if graphs:
+        _graph_safe_compilation(vllm_config)
+    elif getattr(vllm_config, "use_v2_model_runner", False):
+        raise ValueError("GRIFFIN runs Model Runner V2 only with CUDA graphs on: set "
+                         "additional_config griffin.cuda_graphs=true, or VLLM_USE_V2_MODEL_RUNNER=0.")
     if vllm_config.lora_config is not None:
         raise ValueError("GRIFFIN does not support LoRA adapters yet; start without --enable-lora "
                          "or without the griffin additional_config.")
@@ -141,14 +157,48 @@ def _prefer_v1_runner() -> None:
         logger.info("GRIFFIN: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
 
 
+def _use_cuda_graphs(cfg: GriffinConfig) -> bool:
+    from vllm.platforms import current_platform
+
+    if cfg.cuda_graphs and current_platform.is_cpu():
+        logger.info("GRIFFIN: cuda_graphs has no effect on CPU (torch.compile still applies)")
+    return cfg.cuda_graphs and not current_platform.is_cpu()
+
+
+def _prefer_v2_runner(engine_args) -> None:
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0":
+        raise ValueError("GRIFFIN cuda_graphs=true needs Model Runner V2, but VLLM_USE_V2_MODEL_RUNNER=0; "
+                         "unset it, or set cuda_graphs=false.")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    if engine_args.enable_prefix_caching is not False:
+        # The per-block statistic rows are wired to the V1 runner's block ids only.
+        logger.warning("GRIFFIN cuda_graphs: prefix caching off (per-block expert statistics are not "
+                       "wired to Model Runner V2 yet)")
+        engine_args.enable_prefix_caching = False
+
+
+def _graph_safe_compilation(vllm_config) -> None:
+    """Piecewise graphs leave GRIFFIN's layer out (its host-side plan differs per step);
+    FULL graphs are for decode batches only, where the layer reads persistent buffers."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    if compilation.splitting_ops is not None and "vllm::griffin_mlp" not in compilation.splitting_ops:
+        compilation.splitting_ops.append("vllm::griffin_mlp")
+    if compilation.cudagraph_mode == CUDAGraphMode.FULL:
+        # FULL would also capture mixed batches, whose prompt tokens need the host path.
+        compilation.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE
+        logger.info("GRIFFIN cuda_graphs: cudagraph_mode FULL -> FULL_AND_PIECEWISE (full graphs for decode only)")
+
+
 def _no_cuda_graphs_yet(engine_args) -> None:
     # A captured CUDA graph would replay one step's expert plan for every later
-    # step. Until the decode path is graph-safe end to end, accelerators run eager.
+    # step; the graph-safe path runs on Model Runner V2 (griffin.cuda_graphs=true).
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu() and not engine_args.enforce_eager:
-        logger.warning("GRIFFIN: CUDA graphs and torch.compile switched off (enforce_eager=True) until "
-                       "GRIFFIN's graph-safe decode path lands.")
+        logger.warning("GRIFFIN: CUDA graphs and torch.compile switched off (enforce_eager=True); "
+                       "griffin.cuda_graphs=true runs them on Model Runner V2.")
         engine_args.enforce_eager = True
 
 
@@ -276,10 +326,17 @@ class _GriffinWorkerMixin:
         runner = getattr(self, "model_runner", None)
         if runner is None:
             raise compat_error("Worker.model_runner after init_device")
-        missing = [a for a in _REQUIRED_RUNNER_ATTRS if not hasattr(runner, a)]
+        v2 = type(runner).__module__.startswith("vllm.v1.worker.gpu.")
+        required = _REQUIRED_RUNNER_V2_ATTRS if v2 else _REQUIRED_RUNNER_ATTRS
+        missing = [a for a in required if not hasattr(runner, a)]
         if missing:
             raise compat_error(f"{type(runner).__name__}.{missing[0]}")
-        runner.__class__ = _subclass(type(runner), GriffinRunnerMixin)
+        if v2:
+            from vllm_griffin.runner_v2 import GriffinRunnerV2Mixin
+
+            runner.__class__ = _subclass(type(runner), GriffinRunnerV2Mixin)
+        else:
+            runner.__class__ = _subclass(type(runner), GriffinRunnerMixin)
         return result
 
     def determine_available_memory(self, *args, **kwargs):
@@ -342,7 +399,16 @@ def griffin_model_class(base: type, spec) -> type:
         cfg = GriffinConfig.from_additional_config(vllm_config.additional_config)
         self.griffin_state = None if cfg is None else _install_on_model(self, spec, cfg, vllm_config)
 
-    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__,
+    def get_model_state_cls(self):
+        # Model Runner V2 asks the model for its per-step state: vLLM's default plus GRIFFIN's hooks.
+        from vllm_griffin.runner_v2 import default_model_state_cls, griffin_model_state_cls
+
+        if self.griffin_state is None:
+            return default_model_state_cls()
+        return griffin_model_state_cls(default_model_state_cls())
+
+    return type(base.__name__, (base,), {"__init__": __init__, "get_model_state_cls": get_model_state_cls,
+                                         "__module__": __name__,
                                          "__qualname__": f"griffin_model_class.<{base.__name__}>"})
 
 

@@ -24,13 +24,20 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from vllm_griffin import algorithm, ops
+from vllm_griffin import algorithm, graph_decode, ops
 from vllm_griffin.architectures import ArchSpec
 from vllm_griffin.state import GriffinState, StepPlan
 
 _LAYERS: dict[str, "GriffinMLP"] = {}
 _ACTIVE_PLAN: StepPlan | None = None
 _OP_REGISTERED = False
+
+
+def set_active_plan(plan: StepPlan | None) -> None:
+    """Make ``plan`` the one every GriffinMLP reads until the next call (Model Runner V2,
+    whose model state plans a step before the runner calls the model)."""
+    global _ACTIVE_PLAN
+    _ACTIVE_PLAN = plan
 
 
 @contextmanager
@@ -128,6 +135,10 @@ class GriffinMLP(nn.Module):
         return torch.ops.vllm.griffin_mlp(x, self.layer_name)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
+        graph = self.state.graph
+        if graph is not None and graph_decode.in_full_graph():
+            # Recorded into a CUDA graph: the buffered rows, nothing decided here.
+            return graph.forward(self, x)
         plan = _ACTIVE_PLAN
         if plan is None or plan.all_dense:
             return self.dense_forward(x)

@@ -195,6 +195,9 @@ class GriffinState:
         self.block_size = 0
         self.prefix_hits = 0
         self.prefix_hit_tokens = 0
+        # CUDA graphs (Model Runner V2): the per-row buffers captured decode graphs
+        # read (graph_decode.GraphDecode); None when the engine runs no graphs.
+        self.graph = None
 
     # -- prefix caching -----------------------------------------------------------------
 
@@ -318,7 +321,8 @@ class GriffinState:
             plan.sparse_slot = to([s.slot for s in sparse_req])
             distinct = {s.req_id: s for s in sparse_req}.values()
             plan.sparse_kmax = [max(s.k[layer] for s in distinct) for layer in range(self.num_layers)]
-            plan.sparse_counts = [to([s.k[layer] for s in sparse_req]) for layer in range(self.num_layers)]
+            # One host-to-device copy for all layers (rows of one [L, T] tensor).
+            plan.sparse_counts = list(to([[s.k[layer] for s in sparse_req] for layer in range(self.num_layers)]))
             plan.sparse_ksum = [sum(s.k[layer] for s in sparse_req) for layer in range(self.num_layers)]
         return plan
 
