@@ -174,3 +174,39 @@ def test_dispatch_picks_union_kernel_only_with_union_constants():
     assert not kernel_can_win(cuda, 4, D, k, 4 * k)
     # The CPU's union path keeps its own name (the C kernel), unchanged.
     assert choose_path(cpu, True, 64, 8192, 2048, 64 * 2048, cost=CPU_COST) == "union"
+
+
+def test_gpu_benchmark_helpers_on_cpu():
+    """The H200 script's non-CUDA parts: its expert sets overlap as documented, and its
+    fit recovers known CostModel constants from synthetic timings."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_kernels
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    gen, D, k = torch.Generator().manual_seed(0), 4096, 2048
+
+    def mean_jaccard(sets):
+        pairs = [(set(a.tolist()), set(b.tolist())) for a, b in zip(sets[:-1], sets[1:])]
+        return sum(len(a & b) / len(a | b) for a, b in pairs) / len(pairs)
+
+    random_sets = gpu_kernels.expert_sets(8, D, k, "random", gen, "cpu")
+    overlap_sets = gpu_kernels.expert_sets(8, D, k, "overlap", gen, "cpu")
+    assert random_sets.shape == overlap_sets.shape == (8, k)
+    assert all(torch.unique(row).numel() == k for row in overlap_sets)  # distinct experts per row
+    assert 0.28 < mean_jaccard(random_sets) < 0.38      # independent halves: ~1/3
+    assert 0.65 < mean_jaccard(overlap_sets) < 0.78     # shared pool of 1.2 k: ~0.7
+    with pytest.raises(ValueError, match="kind='x' is invalid; allowed: random, overlap"):
+        gpu_kernels.expert_sets(2, D, k, "x", gen, "cpu")
+
+    # Synthetic timings from known constants (unit 0.01 us per neuron): 30 us overhead,
+    # 0.9 units per union neuron, and a compute floor that only binds at 64 rows.
+    unit, overhead, stream, compute = 0.01, 30.0, 0.9 * 0.01, 0.0004
+    cases = [{"rows": r, "union": u, "products": r * k,
+              "union_us": overhead + max(stream * u, compute * r * k)}
+             for r, u in ((2, 3000), (4, 3500), (8, 4000), (16, 4096), (64, 4096))]
+    fit = gpu_kernels.fit_union_cost(cases, unit)
+    assert fit["union_overhead"] == pytest.approx(overhead / unit, rel=1e-6)
+    assert fit["union_stream"] == pytest.approx(0.9, rel=1e-6)
+    assert fit["union_compute"] == pytest.approx(compute / unit, rel=1e-6)
+    assert all(c["union_predicted_us"] == pytest.approx(c["union_us"]) for c in cases)

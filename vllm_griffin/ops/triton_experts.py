@@ -365,9 +365,11 @@ def experts_mlp_triton_union(x, weights, experts, counts, activation: str = "sil
     block_t = max(16, triton.next_power_of_2(rows))
     u_blocks = triton.cdiv(width, block_u)
     h_blocks = triton.cdiv(hidden, block_h)
+    # Default splits aim at ~1024 programs per launch so enough loads are in flight to
+    # stream HBM (as the per-row kernel does); a guess until the H200 benchmark, which
+    # records the best configuration per case.
     if split_h is None:
-        # Every union block is a program already; split the hidden dim only when they are few.
-        split_h = max(1, min(h_blocks, 256 // u_blocks))
+        split_h = max(1, min(h_blocks, 1024 // u_blocks))
     h = torch.empty(rows, width, dtype=dtype, device=x.device)
     partial_g = partial_u = h  # unused when the gate/up kernel finishes h itself
     if split_h > 1:
@@ -386,7 +388,7 @@ def experts_mlp_triton_union(x, weights, experts, counts, activation: str = "sil
             partial_g, partial_u, union, n_union, member, h, rows, member.stride(0), stride_ps, stride_pt,
             h.stride(0), ACT=act, SPLIT_H=split_h, BLOCK_T=block_t, BLOCK_U=block_u, num_warps=num_warps)
     if split_u is None:
-        split_u = max(1, min(u_blocks, 512 // h_blocks))
+        split_u = max(1, min(u_blocks, 1024 // h_blocks))
     partial = torch.empty(split_u, rows, hidden, dtype=torch.float32, device=x.device)
     _union_down_kernel[(h_blocks, split_u)](
         h, weights.down_t, union, n_union, partial, rows, hidden, h.stride(0), stride_w, partial.stride(0),
