@@ -82,6 +82,9 @@ for act in ("gelu", "relu"):
 masks = union_membership(experts, counts_t, 80).bool()
 got = experts_mlp_triton_union(x, w, experts, counts_t, "silu", masks=masks, block_u=16, block_h=32)
 out["masks_given-float32-silu"] = rel_err(got, reference(x, w, experts, counts_t, "silu"))
+# int32 expert tables (the CUDA-graph buffers' dtype) and int32 counts.
+got = experts_mlp_triton_union(x, w, experts.int(), counts_t.int(), "silu", block_u=16, block_h=32)
+out["int32_table-float32-silu"] = rel_err(got, reference(x, w, experts, counts_t, "silu"))
 
 # More rows than one launch takes (they run in chunks of 64).
 counts = [(7 * t) % 40 for t in range(70)]
@@ -133,7 +136,7 @@ def interpreter_results() -> dict:
 
 def test_union_kernel_matches_reference_for_every_case(interpreter_results):
     errors = {k: v for k, v in interpreter_results.items() if "-" in k}
-    assert len(errors) == 5 * 2 * 2 * 2 + 2 + 1 + 1  # every case ran
+    assert len(errors) == 5 * 2 * 2 * 2 + 2 + 1 + 1 + 1  # every case ran
     # fp32: fp32 dots ("ieee"); bf16: h and the output are rounded to bf16, as in vLLM's dense MLP.
     too_far = {k: v for k, v in errors.items() if not v < (2e-2 if "bfloat16" in k else 1e-5)}
     assert not too_far, too_far
@@ -210,3 +213,16 @@ def test_gpu_benchmark_helpers_on_cpu():
     assert fit["union_stream"] == pytest.approx(0.9, rel=1e-6)
     assert fit["union_compute"] == pytest.approx(compute / unit, rel=1e-6)
     assert all(c["union_predicted_us"] == pytest.approx(c["union_us"]) for c in cases)
+
+
+def test_union_kernel_refuses_what_it_cannot_run():
+    from vllm_griffin.ops.reference import ExpertWeights
+    from vllm_griffin.ops.triton_experts import experts_mlp_triton_union
+
+    x, experts, counts = torch.zeros(2, 8), torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 1])
+    gated = ExpertWeights.separate(torch.zeros(2 * 6, 8), torch.zeros(6, 8))
+    with pytest.raises(ValueError, match="activation='tanh' is invalid; allowed: silu, gelu_tanh, relu, gelu"):
+        experts_mlp_triton_union(x, gated, experts, counts, "tanh")
+    with_bias = ExpertWeights.separate(torch.zeros(2 * 6, 8), torch.zeros(6, 8), b_down=torch.zeros(8))
+    with pytest.raises(ValueError, match="gated MLPs without biases"):
+        experts_mlp_triton_union(x, with_bias, experts, counts, "silu")

@@ -313,7 +313,7 @@ def _union_down_kernel(h_ptr, w_ptr, union_ptr, n_ptr, out_ptr, T, H, stride_h, 
 def union_membership(experts: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
     """[T, D] uint8: 1 where row t uses neuron j (entries past a row's count go to a spare column)."""
     positions = torch.arange(experts.shape[1], device=experts.device)
-    idx = torch.where(positions.unsqueeze(0) < counts.unsqueeze(1), experts, width)
+    idx = torch.where(positions.unsqueeze(0) < counts.unsqueeze(1), experts.long(), width)
     member = torch.zeros(experts.shape[0], width + 1, dtype=torch.uint8, device=experts.device)
     return member.scatter_(1, idx, 1)[:, :width]
 
@@ -341,6 +341,11 @@ def experts_mlp_triton_union(x, weights, experts, counts, activation: str = "sil
     already has them (GRIFFIN's state does); must agree with experts/counts.
     ``dot_fp32``: None picks fp32 for fp32 weights and under TRITON_INTERPRET.
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is invalid; allowed: {', '.join(ACTIVATIONS)}")
+    if not weights.gated or weights.has_bias:
+        raise ValueError("weights: the union kernel takes gated MLPs without biases "
+                         "(the torch paths run the others)")
     rows, hidden = x.shape
     width = weights.width
     if rows == 0 or experts.shape[1] == 0:
@@ -360,6 +365,7 @@ def experts_mlp_triton_union(x, weights, experts, counts, activation: str = "sil
     member = union_membership(experts, counts.to(experts.device), width) if masks is None else masks
     if member.dtype == torch.bool:
         member = member.view(torch.uint8)
+    member = member.contiguous()  # the kernels index it as [T, D] rows
     union, n_union = union_neurons(member)
 
     block_t = max(16, triton.next_power_of_2(rows))
