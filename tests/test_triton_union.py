@@ -226,3 +226,50 @@ def test_union_kernel_refuses_what_it_cannot_run():
     with_bias = ExpertWeights.separate(torch.zeros(2 * 6, 8), torch.zeros(6, 8), b_down=torch.zeros(8))
     with pytest.raises(ValueError, match="gated MLPs without biases"):
         experts_mlp_triton_union(x, with_bias, experts, counts, "silu")
+
+
+def test_kernels_compile_for_the_h200():
+    """Compile every kernel of the module for sm_90 (H200) ahead of time, no GPU needed:
+    the interpreter does not run Triton's compiler, so type and layout errors that only
+    the real compile finds (tl.dot shapes, loop-carried types) are caught here."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vllm_griffin.ops import triton_experts as te
+
+    def compile_for_h200(kernel, pointers: dict, constexprs: dict, num_warps: int = 4):
+        names = list(inspect.signature(kernel.fn).parameters)
+        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(names.index(n),): v for n, v in constexprs.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        assert compiled.asm["cubin"], kernel.fn.__name__
+
+    bf16, fp32 = "*bf16", "*fp32"
+    index = {"union_ptr": "*i32", "n_ptr": "*i32", "member_ptr": "*u8"}
+    for split, block_t in ((1, 16), (4, 64)):  # h finished in place / partials; few rows / 64 rows
+        partial = bf16 if split == 1 else fp32
+        compile_for_h200(te._union_gate_up_kernel,
+                         {"x_ptr": bf16, "gate_ptr": bf16, "up_ptr": bf16, "g_ptr": partial, "u_ptr": partial,
+                          "h_ptr": bf16, **index},
+                         {"ACT": 0, "SPLIT_H": split, "DOT_FP32": False, "BLOCK_T": block_t, "BLOCK_U": 64,
+                          "BLOCK_H": 64})
+        compile_for_h200(te._union_down_kernel,
+                         {"h_ptr": bf16, "w_ptr": bf16, "out_ptr": fp32, **index},
+                         {"SPLIT_U": split, "DOT_FP32": False, "BLOCK_T": block_t, "BLOCK_U": 64, "BLOCK_H": 64})
+    compile_for_h200(te._union_act_mul_kernel, {"g_ptr": fp32, "u_ptr": fp32, "h_ptr": bf16, **index},
+                     {"ACT": 1, "SPLIT_H": 4, "BLOCK_T": 16, "BLOCK_U": 64})
+    compile_for_h200(te._compact_kernel, {"used_ptr": "*u8", "union_ptr": "*i32", "n_ptr": "*i32"},
+                     {"BLOCK": 16384}, num_warps=16)
+    # The per-row kernels of the same module.
+    rows_index = {"experts_ptr": "*i64", "counts_ptr": "*i32"}
+    compile_for_h200(te._gate_up_kernel, {"x_ptr": bf16, "gate_ptr": bf16, "up_ptr": bf16, "g_ptr": fp32,
+                                          "u_ptr": fp32, **rows_index},
+                     {"SPLIT_H": 4, "BLOCK_K": 128, "BLOCK_H": 64})
+    compile_for_h200(te._act_mul_kernel, {"g_ptr": fp32, "u_ptr": fp32, "h_ptr": fp32, "counts_ptr": "*i32"},
+                     {"ACT": 0, "SPLIT_H": 4, "BLOCK_K": 256})
+    compile_for_h200(te._down_kernel, {"h_ptr": fp32, "w_ptr": bf16, "out_ptr": fp32, **rows_index},
+                     {"SPLIT_K": 4, "BLOCK_K": 128, "BLOCK_H": 64})
