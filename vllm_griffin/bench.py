@@ -10,7 +10,8 @@ The engine is stepped by hand: a batch counts as prefilled once every request
 has its first token; decode tokens/s is what the batch generates after that
 over the time it takes. Per batch size B and density d it reports that, the
 ratio to dense, the ratio to the ceiling, the prefill
-overhead of statistic capture (time to the batch's first tokens at d vs 1.0), the mean union
+overhead of statistic capture (time to the batch's first tokens at d vs 1.0, from
+separate prefill-only runs), the mean union
 fraction of the batch's experts (from their exported expert sets), and which
 decode paths ran. Densities alternate within each repeat; medians are reported.
 """
@@ -128,15 +129,34 @@ class Runner:
                 lengths[out.request_id] = len(out.outputs[0].token_ids)
         return prefilled - start, time.perf_counter() - prefilled, sum(lengths.values()) - at_prefilled
 
+    def timed_prefill(self, batch: int, density: float) -> float:
+        """Seconds to run the batch's prompts and sample one token each (capture and
+        selection included)."""
+        engine = self.llm.llm_engine
+        params = self.params(density, 1)
+        self.run_id += 1
+        for i, prompt in enumerate(self.prompts(batch)):
+            engine.add_request(f"bench-{self.run_id}-{i}", prompt, params)
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        return time.perf_counter() - start
+
     def stats(self) -> dict:
         return self.llm.collective_rpc("griffin_stats")[0]
 
     def measure(self, batch: int, densities: list[float]) -> list[dict]:
         """Every density for one batch size, alternating over the repeats; medians."""
         samples: dict[float, list[tuple[float, float, int]]] = {d: [] for d in densities}
+        prefills: dict[float, list[float]] = {d: [] for d in densities}
         paths: dict[float, dict[str, int]] = {d: {} for d in densities}
-        for _ in range(self.args.repeats):
-            for density in densities:
+        # Prefill is short and noisy: its own, more numerous samples. Every other round
+        # runs the densities in reverse, so no density always runs first.
+        for rep in range(self.args.prefill_repeats):
+            for density in densities[:: -1 if rep % 2 else 1]:
+                prefills[density].append(self.timed_prefill(batch, density))
+        for rep in range(self.args.repeats):
+            for density in densities[:: -1 if rep % 2 else 1]:
                 before = self.stats()["decode_paths"]
                 samples[density].append(self.timed_steps(batch, density))
                 after = self.stats()["decode_paths"]
@@ -145,10 +165,11 @@ class Runner:
                         paths[density][k] = paths[density].get(k, 0) + after[k] - before.get(k, 0)
         entries = []
         for density in densities:
-            prefill = statistics.median(p for p, _, _ in samples[density])
+            prefill = statistics.median(prefills[density])
             decode_tok_s = statistics.median(n / d for _, d, n in samples[density])
             entry = {"model": self.name, "batch": batch, "density": density, "prefill_s": prefill,
-                     "decode_tok_s": decode_tok_s, "decode_paths": paths[density], "samples": samples[density]}
+                     "decode_tok_s": decode_tok_s, "decode_paths": paths[density], "samples": samples[density],
+                     "prefill_samples": prefills[density]}
             if density < 1.0:  # untimed: the same prompts once more, writing their experts
                 self.llm.collective_rpc("griffin_export_to", args=(str(self.export_dir),))
                 outs = self.llm.generate(self.prompts(batch), self.params(density, 1), use_tqdm=False)
@@ -260,6 +281,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats per batch size; medians reported")
+    p.add_argument("--prefill-repeats", type=int, default=4,
+                   help="alternating prefill-only runs per batch size (prefill overhead); medians reported")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     p.set_defaults(func=main)

@@ -1,0 +1,46 @@
+"""`vllm-griffin bench` runs end to end (the README's performance command, shrunk):
+one SmolLM2 engine, batch sizes 1 and 3, density 0.5, a few tokens. Figures on a
+shared 2-core CPU are noise at this size, so only their presence and consistency
+are checked here; the speed targets live in the benchmark's own output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import engine_lock
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "vllm_griffin.cli", "bench", "--models", "smollm2", "--batch-sizes", "1,3",
+           "--densities", "0.5", "--gen-len", "4", "--repeats", "1", "--prefill-repeats", "2", "--out", str(out)]
+    engines.close()  # one engine at a time, also across processes
+    with engine_lock():
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    runs = {(r["batch"], r["density"]): r for r in results["runs"]}
+    assert sorted(runs) == [(1, 0.5), (1, 1.0), (3, 0.5), (3, 1.0)]
+    for (batch, density), r in runs.items():
+        assert len(r["prefill_samples"]) == 2 and r["prefill_s"] > 0
+        tokens = sum(n for _, _, n in r["samples"])
+        # 4 tokens each; decode counts those after every request has its first one.
+        assert tokens == 3 if batch == 1 else 0 < tokens <= batch * 3
+        # Dense is vLLM's own MLP (no GRIFFIN decode path); 0.5 decodes on experts.
+        assert bool(r["decode_paths"]) == (density < 1.0)
+    assert runs[(1, 0.5)]["union_fraction"] == pytest.approx(0.5, abs=1e-3)  # one request: its own k/D
+    assert 0.5 <= runs[(3, 0.5)]["union_fraction"] <= 1.0
+    summary = {(r["batch"], r["density"]): r for r in results["summary"]}
+    for key, row in summary.items():
+        assert row["vs_dense"] == pytest.approx(runs[key]["decode_tok_s"] / runs[(key[0], 1.0)]["decode_tok_s"])
+    assert out.with_suffix(".md").read_text().count("| smollm2 |") == 2
+    assert Path(out.with_suffix(".png")).stat().st_size > 0
