@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -228,7 +229,7 @@ def test_union_kernel_refuses_what_it_cannot_run():
         experts_mlp_triton_union(x, with_bias, experts, counts, "silu")
 
 
-def test_kernels_compile_for_the_h200():
+def test_kernels_compile_for_the_h200(tmp_path):
     """Compile every kernel of the module for sm_90 (H200) ahead of time, no GPU needed:
     the interpreter does not run Triton's compiler, so type and layout errors that only
     the real compile finds (tl.dot shapes, loop-carried types) are caught here."""
@@ -247,19 +248,35 @@ def test_kernels_compile_for_the_h200():
                            constexprs={(names.index(n),): v for n, v in constexprs.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         assert compiled.asm["cubin"], kernel.fn.__name__
+        return compiled
+
+    def spilled_bytes(compiled) -> int:
+        # ptxas -v on the PTX, with the ptxas Triton itself uses for sm_90.
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptx = tmp_path / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+        spills = re.findall(r"(\d+) bytes spill stores", log)
+        assert spills, log
+        return sum(int(n) for n in spills)
 
     bf16, fp32 = "*bf16", "*fp32"
     index = {"union_ptr": "*i32", "n_ptr": "*i32", "member_ptr": "*u8"}
+    # The union kernels at their defaults (64 x 64 tiles, 8 warps): they compile and keep
+    # everything in registers, for one row (BLOCK_T 16) up to 64 rows.
     for split, block_t in ((1, 16), (4, 64)):  # h finished in place / partials; few rows / 64 rows
         partial = bf16 if split == 1 else fp32
-        compile_for_h200(te._union_gate_up_kernel,
-                         {"x_ptr": bf16, "gate_ptr": bf16, "up_ptr": bf16, "g_ptr": partial, "u_ptr": partial,
-                          "h_ptr": bf16, **index},
-                         {"ACT": 0, "SPLIT_H": split, "DOT_FP32": False, "BLOCK_T": block_t, "BLOCK_U": 64,
-                          "BLOCK_H": 64})
-        compile_for_h200(te._union_down_kernel,
-                         {"h_ptr": bf16, "w_ptr": bf16, "out_ptr": fp32, **index},
-                         {"SPLIT_U": split, "DOT_FP32": False, "BLOCK_T": block_t, "BLOCK_U": 64, "BLOCK_H": 64})
+        gate_up = compile_for_h200(te._union_gate_up_kernel,
+                                   {"x_ptr": bf16, "gate_ptr": bf16, "up_ptr": bf16, "g_ptr": partial,
+                                    "u_ptr": partial, "h_ptr": bf16, **index},
+                                   {"ACT": 0, "SPLIT_H": split, "DOT_FP32": False, "BLOCK_T": block_t,
+                                    "BLOCK_U": 64, "BLOCK_H": 64}, num_warps=8)
+        down = compile_for_h200(te._union_down_kernel, {"h_ptr": bf16, "w_ptr": bf16, "out_ptr": fp32, **index},
+                                {"SPLIT_U": split, "DOT_FP32": False, "BLOCK_T": block_t, "BLOCK_U": 64,
+                                 "BLOCK_H": 64}, num_warps=8)
+        assert spilled_bytes(gate_up) == 0 and spilled_bytes(down) == 0, block_t
     compile_for_h200(te._union_act_mul_kernel, {"g_ptr": fp32, "u_ptr": fp32, "h_ptr": bf16, **index},
                      {"ACT": 1, "SPLIT_H": 4, "BLOCK_T": 16, "BLOCK_U": 64})
     compile_for_h200(te._compact_kernel, {"used_ptr": "*u8", "union_ptr": "*i32", "n_ptr": "*i32"},
