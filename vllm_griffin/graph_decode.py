@@ -13,7 +13,8 @@ hold instead:
 * padded rows (a batch of 5 replays the graph for 8) get the trash row: no
   experts, count 0, mask all False, so they compute nothing that matters;
 * each captured batch size keeps one path, chosen when it is captured
-  (the expert kernel for few rows, vLLM's GEMMs with per-row masks beyond);
+  (the per-row expert kernel for few rows, the union-tiled kernel where the
+  cost model prices it, vLLM's GEMMs with per-row masks beyond);
   every path gives each row exactly its own experts' result, so the choice
   only moves speed;
 * the kernel runs with a static expert capacity (all ``D`` neurons); rows
@@ -82,7 +83,7 @@ class GraphDecode:
             dense_idx = torch.arange(n, device=self.state.device)
         else:
             sparse_idx, sparse_slot, dense_idx = plan.sparse_idx, plan.sparse_slot, plan.dense_idx
-        if path == "masked":
+        if path in ("masked", "triton_union"):
             masks = self.row_masks[:, :padded_rows]
             masks.zero_()  # padded rows: the trash row, nothing kept
             if sparse_idx is not None:
@@ -108,13 +109,16 @@ class GraphDecode:
         path = self.paths.get(rows)
         if path is None:
             path = "masked"
-            if kernel_ok and rows <= self.kernel_rows:
-                # Priced at the engine's own density; per-request densities only move speed.
+            if kernel_ok:
+                # Priced at the engine's own density, with the largest union those rows
+                # can have; per-request densities only move speed.
                 k = sum(self.state.layer_densities) / self.state.num_layers * self.state.width
                 products = int(rows * k)
                 union = min(self.state.width, products)
                 chosen = ops.choose_path(device, kernel_ok, rows, self.state.width, union, products)
-                if chosen != "masked":
+                if chosen == "triton_union":  # reads the row masks: any row count
+                    path = chosen
+                elif chosen != "masked" and rows <= self.kernel_rows:
                     path = "triton" if device.type == "cuda" else "gather"
             self.paths[rows] = path
         return path
@@ -133,6 +137,12 @@ class GraphDecode:
             z = mlp._act_fn(gate_up)
             out, _ = mlp._down_fn(z * self.row_masks[layer, :rows])
             return out
+        if path == "triton_union":  # each union neuron's weights once for all rows, masked per row
+            from vllm_griffin.ops.triton_experts import experts_mlp_triton_union
+
+            out = experts_mlp_triton_union(x, mlp.expert_weights, None, None, mlp.activation,
+                                           masks=self.row_masks[layer, :rows])
+            return reduce_tp(mlp, out)
         experts, counts = self.row_experts[layer, :rows], self.row_counts[layer, :rows]
         if path == "triton":
             from vllm_griffin.ops.triton_experts import experts_mlp_triton
@@ -140,8 +150,13 @@ class GraphDecode:
             out = experts_mlp_triton(x, mlp.expert_weights, experts, counts, mlp.activation)
         else:  # the plain-torch reference (CPU tests)
             out = ops.experts_mlp_gather(x, mlp.expert_weights, experts.long(), counts, mlp._act_fn).to(x.dtype)
-        if getattr(mlp.down, "tp_size", 1) > 1 and getattr(mlp.down, "reduce_results", True):
-            from vllm.distributed import tensor_model_parallel_all_reduce
+        return reduce_tp(mlp, out)
 
-            out = tensor_model_parallel_all_reduce(out)
-        return out
+
+def reduce_tp(mlp, out: torch.Tensor) -> torch.Tensor:
+    # The expert kernels skip vLLM's row-parallel linear, so its reduction too.
+    if getattr(mlp.down, "tp_size", 1) > 1 and getattr(mlp.down, "reduce_results", True):
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        out = tensor_model_parallel_all_reduce(out)
+    return out

@@ -202,11 +202,7 @@ class GriffinMLP(nn.Module):
                                            masks=self.state.sparse_masks(layer, plan))
         else:
             out = ops.experts_mlp_gather(xs, self.expert_weights, experts, counts, self._act_fn).to(xs.dtype)
-        if getattr(self.down, "tp_size", 1) > 1 and getattr(self.down, "reduce_results", True):
-            from vllm.distributed import tensor_model_parallel_all_reduce
-
-            out = tensor_model_parallel_all_reduce(out)
-        return out
+        return graph_decode.reduce_tp(self, out)
 
 
 def activation_name(act: nn.Module) -> str | None:

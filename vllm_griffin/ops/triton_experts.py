@@ -338,7 +338,8 @@ def experts_mlp_triton_union(x, weights, experts, counts, activation: str = "sil
     counts [T] int -> [T, H], each row through exactly its own experts.
 
     ``masks`` ([T, D] bool/uint8, optional): the rows' expert masks when the caller
-    already has them (GRIFFIN's state does); must agree with experts/counts.
+    already has them (GRIFFIN's state does); must agree with experts/counts, which
+    may then be None (the CUDA-graph path keeps only masks).
     ``dot_fp32``: None picks fp32 for fp32 weights and under TRITON_INTERPRET.
     ``num_warps`` 8: compiled for sm_90 with 64 x 64 tiles, the gate/up kernel spills
     registers with 4 warps at 64 rows and does not with 8 (ptxas -v).
@@ -350,12 +351,12 @@ def experts_mlp_triton_union(x, weights, experts, counts, activation: str = "sil
                          "(the torch paths run the others)")
     rows, hidden = x.shape
     width = weights.width
-    if rows == 0 or experts.shape[1] == 0:
+    if rows == 0 or (masks is None and experts.shape[1] == 0):
         return x.new_zeros(rows, hidden)
     if rows > MAX_UNION_ROWS:  # static chunks of rows (the row count is static under CUDA graphs)
+        part = lambda t, i: None if t is None else t[i:i + MAX_UNION_ROWS]  # noqa: E731
         return torch.cat([
-            experts_mlp_triton_union(x[i:i + MAX_UNION_ROWS], weights, experts[i:i + MAX_UNION_ROWS],
-                                     counts[i:i + MAX_UNION_ROWS], activation,
+            experts_mlp_triton_union(x[i:i + MAX_UNION_ROWS], weights, part(experts, i), part(counts, i), activation,
                                      None if masks is None else masks[i:i + MAX_UNION_ROWS], block_u, block_h,
                                      split_h, split_u, num_warps, dot_fp32)
             for i in range(0, rows, MAX_UNION_ROWS)])
