@@ -183,3 +183,15 @@ def test_graph_paths_on_the_triton_kernels_in_the_interpreter():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.split("WORST")[-1]) < 1e-5
+
+
+def test_union_from_masks_equals_union_of_expert_lists():
+    """The eager dispatch counts a step's union from the one-byte masks (GriffinState.sparse_union)."""
+    from vllm_griffin.ops import union_size
+
+    state = GriffinState(GriffinConfig(density=0.5), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
+    prefill(state, {"a": (9, 0.3), "b": (5, 0.55), "c": (7, 0.9), "e": (6, 0.5)})
+    for order in (["a"], ["b", "a"], ["e", "c", "a", "b"]):
+        plan = decode_plan(state, order)
+        for layer in range(LAYERS):
+            assert state.sparse_union(layer, plan) == union_size(*state.sparse_experts(layer, plan), WIDTH)

@@ -99,6 +99,7 @@ class StepPlan:
     block_sel: torch.Tensor | None = None      # ...of these captured tokens (None: all)
     sparse_idx: torch.Tensor | None = None     # tokens through their experts
     sparse_slot: torch.Tensor | None = None    # expert-table slot per sparse token
+    sparse_req_slots: torch.Tensor | None = None  # the distinct slots among them (one per request)
     sparse_kmax: list[int] = field(default_factory=list)  # per layer
     sparse_counts: list[torch.Tensor] = field(default_factory=list)  # per layer, [T_sparse]
     sparse_ksum: list[int] = field(default_factory=list)  # per layer: sum of the sparse tokens' k
@@ -320,6 +321,7 @@ class GriffinState:
             plan.sparse_idx = to(sparse_idx)
             plan.sparse_slot = to([s.slot for s in sparse_req])
             distinct = {s.req_id: s for s in sparse_req}.values()
+            plan.sparse_req_slots = to([s.slot for s in distinct])
             plan.sparse_kmax = [max(s.k[layer] for s in distinct) for layer in range(self.num_layers)]
             # One host-to-device copy for all layers (rows of one [L, T] tensor).
             plan.sparse_counts = list(to([[s.k[layer] for s in sparse_req] for layer in range(self.num_layers)]))
@@ -462,6 +464,15 @@ class GriffinState:
     def sparse_masks(self, layer: int, plan: StepPlan) -> torch.Tensor:
         """[T, D] bool: which neurons each of the step's sparse tokens keeps at ``layer``."""
         return self.masks[layer, plan.sparse_slot]
+
+    def sparse_union(self, layer: int, plan: StepPlan) -> int:
+        """Distinct neurons the step's sparse requests use at ``layer`` (reads the
+        one-byte masks: far cheaper than scattering the expert lists; syncs on a GPU)."""
+        slots = plan.sparse_req_slots
+        if slots.numel() == 1:
+            return plan.sparse_kmax[layer]
+        used = self.masks[layer].index_select(0, slots).view(torch.uint8).amax(dim=0)
+        return int(torch.count_nonzero(used))
 
     def sparse_experts(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts [T, kmax] int64, counts [T]) of the step's sparse tokens for ``layer``."""
