@@ -193,5 +193,9 @@ def test_union_from_masks_equals_union_of_expert_lists():
     prefill(state, {"a": (9, 0.3), "b": (5, 0.55), "c": (7, 0.9), "e": (6, 0.5)})
     for order in (["a"], ["b", "a"], ["e", "c", "a", "b"]):
         plan = decode_plan(state, order)
+        # ... and on a GPU from packed host copies made at selection (no device sync per step).
+        state._keep_host_bits([state.requests[r] for r in order])
         for layer in range(LAYERS):
-            assert state.sparse_union(layer, plan) == union_size(*state.sparse_experts(layer, plan), WIDTH)
+            want = union_size(*state.sparse_experts(layer, plan), WIDTH)
+            assert state.sparse_union(layer, plan) == want
+            assert state.host_union(layer, plan.sparse_req_slots_host) == want

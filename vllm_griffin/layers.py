@@ -176,8 +176,7 @@ class GriffinMLP(nn.Module):
         elif kernel_ok and not ops.kernel_can_win(xs.device, rows, width, kmax, products):
             path = "masked"  # even the smallest union loses: no need to count it
         else:
-            # GPU: counting the union would sync with the device; use its upper bound.
-            union = self.state.sparse_union(layer, plan) if xs.device.type == "cpu" else min(products, width)
+            union = self.state.sparse_union(layer, plan)
             path = ops.choose_path(xs.device, kernel_ok, rows, width, union, products)
             if path != "masked":
                 experts, counts = self.state.sparse_experts(layer, plan)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from vllm_griffin import algorithm
@@ -100,6 +101,7 @@ class StepPlan:
     sparse_idx: torch.Tensor | None = None     # tokens through their experts
     sparse_slot: torch.Tensor | None = None    # expert-table slot per sparse token
     sparse_req_slots: torch.Tensor | None = None  # the distinct slots among them (one per request)
+    sparse_req_slots_host: list[int] = field(default_factory=list)
     sparse_kmax: list[int] = field(default_factory=list)  # per layer
     sparse_counts: list[torch.Tensor] = field(default_factory=list)  # per layer, [T_sparse]
     sparse_ksum: list[int] = field(default_factory=list)  # per layer: sum of the sparse tokens' k
@@ -196,6 +198,9 @@ class GriffinState:
         self.block_size = 0
         self.prefix_hits = 0
         self.prefix_hit_tokens = 0
+        # GPU: each selected slot's experts as packed bits [L, D/8] on the host, so the
+        # dispatch counts a step's union without a device sync (see sparse_union).
+        self.host_bits: dict[int, np.ndarray] = {}
         # CUDA graphs (Model Runner V2): the per-row buffers captured decode graphs
         # read (graph_decode.GraphDecode); None when the engine runs no graphs.
         self.graph = None
@@ -321,7 +326,8 @@ class GriffinState:
             plan.sparse_idx = to(sparse_idx)
             plan.sparse_slot = to([s.slot for s in sparse_req])
             distinct = {s.req_id: s for s in sparse_req}.values()
-            plan.sparse_req_slots = to([s.slot for s in distinct])
+            plan.sparse_req_slots_host = [s.slot for s in distinct]
+            plan.sparse_req_slots = to(plan.sparse_req_slots_host)
             plan.sparse_kmax = [max(s.k[layer] for s in distinct) for layer in range(self.num_layers)]
             # One host-to-device copy for all layers (rows of one [L, T] tensor).
             plan.sparse_counts = list(to([[s.k[layer] for s in sparse_req] for layer in range(self.num_layers)]))
@@ -466,13 +472,28 @@ class GriffinState:
         return self.masks[layer, plan.sparse_slot]
 
     def sparse_union(self, layer: int, plan: StepPlan) -> int:
-        """Distinct neurons the step's sparse requests use at ``layer`` (reads the
-        one-byte masks: far cheaper than scattering the expert lists; syncs on a GPU)."""
+        """Distinct neurons the step's sparse requests use at ``layer``, counted on the host:
+        from the one-byte masks on a CPU (far cheaper than scattering the expert lists),
+        from the packed copies made at selection on a GPU (no device sync per step)."""
         slots = plan.sparse_req_slots
         if slots.numel() == 1:
             return plan.sparse_kmax[layer]
-        used = self.masks[layer].index_select(0, slots).view(torch.uint8).amax(dim=0)
-        return int(torch.count_nonzero(used))
+        if self.device.type == "cpu":
+            used = self.masks[layer].index_select(0, slots).view(torch.uint8).amax(dim=0)
+            return int(torch.count_nonzero(used))
+        return self.host_union(layer, plan.sparse_req_slots_host)
+
+    def host_union(self, layer: int, slots: Sequence[int]) -> int:
+        """Union size of these slots' experts at ``layer`` from their packed host copies."""
+        bits = np.bitwise_or.reduce(np.stack([self.host_bits[s][layer] for s in slots]))
+        return int(_POPCOUNT[bits].sum())
+
+    def _keep_host_bits(self, finishing: list[RequestState]) -> None:
+        # One device-to-host copy per selection step (the V1 runner syncs every step anyway).
+        slots = torch.tensor([s.slot for s in finishing], device=self.device)
+        packed = np.packbits(self.masks[:, slots].cpu().numpy(), axis=-1)  # [L, R, D/8]
+        for i, state in enumerate(finishing):
+            self.host_bits[state.slot] = packed[:, i]
 
     def sparse_experts(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts [T, kmax] int64, counts [T]) of the step's sparse tokens for ``layer``."""
@@ -497,6 +518,8 @@ class GriffinState:
             start = time.perf_counter()
             chosen = self.select(plan)
             self.select_seconds += time.perf_counter() - start
+        if plan.finishing and self.device.type != "cpu":
+            self._keep_host_bits(plan.finishing)
         for state in plan.finishing:
             state.selected = True
             self._free_acc(state)
@@ -587,6 +610,10 @@ class _Captures:
         if self.zero_rows:
             # A block filled from its first token holds new content (vLLM reuses blocks).
             state_tbl.block_stats[:, to(self.zero_rows)] = 0
+
+
+# Set bits of each byte value (popcount of packed masks).
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
 
 
 def _grow(table: torch.Tensor, capacity: int) -> torch.Tensor:
