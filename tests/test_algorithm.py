@@ -153,3 +153,41 @@ def test_first_dense_budget_examples():
     # Too little budget for a dense first layer: the others keep half (2 of 4).
     assert algorithm.layer_budgets((4, 4, 4), "topk_down_first_dense", 16) == (8, 2, 2)
     assert algorithm.layer_budgets((5, 4, 3), "topk_down_first_dense", 16) == (8, 2, 2)
+
+
+# -- topk_magnitude: the prompt statistic plus a weight-magnitude prior -----------------------
+
+
+def test_topk_magnitude_ranks_prompt_share_plus_half_the_magnitude_share():
+    # Prompt shares [0.5, 0.3, 0.2, 0]; magnitude**2 shares [0.05, 0.05, 0.1, 0.8].
+    stat = torch.tensor([5.0, 3.0, 2.0, 0.0])
+    magnitude = torch.tensor([0.5, 0.5, 1.0, 8.0]).sqrt()
+    w = algorithm.MAGNITUDE_PRIOR_WEIGHT
+    want = torch.tensor([0.5, 0.3, 0.2, 0.0]) + w * torch.tensor([0.05, 0.05, 0.1, 0.8])
+    got = algorithm.rank_scores(stat, "topk_magnitude", static_scores=magnitude)
+    assert torch.allclose(got, want)
+    # A neuron the prompt never woke but with by far the largest weights gets in
+    # (w = 0.5: scores [0.525, 0.325, 0.25, 0.4], so k = 2 takes neurons 0 and 3).
+    assert algorithm.select_experts(stat, 2, "topk", width=4).tolist() == [0, 1]
+    assert algorithm.select_experts(stat, 2, "topk_magnitude", width=4, static_scores=magnitude).tolist() == [0, 3]
+    # The engine's batched path ranks the same scores.
+    scores = algorithm.rank_scores(stat[None], "topk_magnitude", static_scores=magnitude[None])
+    assert algorithm.topk_experts_batched(scores, 2).tolist() == [[0, 3]]
+
+
+def test_topk_magnitude_is_scale_free_and_is_topk_under_a_flat_prior():
+    gen = torch.Generator().manual_seed(0)
+    stat, magnitude = torch.rand(3, 64, generator=gen), torch.rand(3, 64, generator=gen)
+    base = algorithm.topk_experts_batched(algorithm.rank_scores(stat, "topk_magnitude", static_scores=magnitude), 20)
+    # Longer prompts (a larger sum) and rescaled weights mean the same mix: no model constant.
+    for s, m in ((stat * 37.0, magnitude), (stat, magnitude * 1e-3), (stat * 1e3, magnitude * 5.0)):
+        got = algorithm.topk_experts_batched(algorithm.rank_scores(s, "topk_magnitude", static_scores=m), 20)
+        assert torch.equal(got, base)
+    # Equal magnitudes add the same amount to every neuron: the paper's top-k.
+    flat = algorithm.rank_scores(stat, "topk_magnitude", static_scores=torch.ones(3, 64))
+    assert torch.equal(algorithm.topk_experts_batched(flat, 20), algorithm.topk_experts_batched(stat, 20))
+    # A prompt with no activity at all (all-zero statistic) falls back to the magnitude baseline.
+    zero = algorithm.rank_scores(torch.zeros(64), "topk_magnitude", static_scores=magnitude[0])
+    assert torch.isfinite(zero).all()
+    assert torch.equal(torch.topk(zero, 20).indices.sort().values,
+                       algorithm.select_experts(None, 20, "magnitude", width=64, static_scores=magnitude[0]))

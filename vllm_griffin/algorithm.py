@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("topk", "magnitude", "random", "sample", "topk_sample", "topk_down", "topk_down_first_dense")
+METHODS = ("topk", "magnitude", "random", "sample", "topk_sample", "topk_down", "topk_down_first_dense",
+           "topk_magnitude")
 # Methods that read the prompt's statistic (the others never capture).
-PROMPT_METHODS = frozenset({"topk", "sample", "topk_sample", "topk_down", "topk_down_first_dense"})
-# Rank the statistic, optionally scaled by the down projection's column norms
-# (one batched top-k per k in the engine).
-RANK_METHODS = frozenset({"topk", "topk_down", "topk_down_first_dense"})
+PROMPT_METHODS = frozenset({"topk", "sample", "topk_sample", "topk_down", "topk_down_first_dense", "topk_magnitude"})
+# Rank the statistic, optionally scaled by the down projection's column norms or
+# mixed with the magnitude prior (one batched top-k per k in the engine).
+RANK_METHODS = frozenset({"topk", "topk_down", "topk_down_first_dense", "topk_magnitude"})
 DOWN_WEIGHTED = frozenset({"topk_down", "topk_down_first_dense"})
+# Methods that add the static magnitude score as a prior to the prompt statistic.
+PRIOR_MIXED = frozenset({"topk_magnitude"})
+# The prior's weight against the prompt's: both are shares summing to 1 per layer, so
+# this fixed number means the same on every model (no calibration).
+MAGNITUDE_PRIOR_WEIGHT = 0.5
 # Methods that move experts between layers (same total, so the same decode cost).
 FIRST_LAYER_METHODS = frozenset({"topk_down_first_dense"})
 
@@ -59,13 +65,30 @@ def down_norms(w_down: torch.Tensor) -> torch.Tensor:
     return w_down.float().norm(dim=0)
 
 
-def rank_scores(stat_sum: torch.Tensor, method: str, down_norms_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """What a rank method takes the top-k of: the statistic, or for ``topk_down*``
-    ``s_j**2 * ||W_down[:, j]||**2`` -- the prompt's (token-normalised) activation mass
-    times the neuron's reach into the output. Same order as ``s_j * ||W_down[:, j]||``."""
+def rank_scores(stat_sum: torch.Tensor, method: str, down_norms_sq: torch.Tensor | None = None,
+                static_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """What a rank method takes the top-k of (rows: one layer of one sequence each).
+
+    * ``topk``: the statistic.
+    * ``topk_down*``: ``s_j**2 * ||W_down[:, j]||**2`` -- the prompt's (token-normalised)
+      activation mass times the neuron's reach into the output. Same order as ``s_j * ||W_down[:, j]||``.
+    * ``topk_magnitude``: ``s_j**2 / sum(s**2) + w * m_j**2 / sum(m**2)`` with ``m`` the
+      magnitude baseline's ``||W_gate[j]|| * ||W_up[j]||`` and ``w`` = MAGNITUDE_PRIOR_WEIGHT:
+      the neuron's share of the prompt's activation mass plus a smaller share of the
+      layer's weight magnitude. The prompt says which neurons this text used; the
+      prior keeps neurons with large weights, which a few prompt tokens may not have
+      woken but generated tokens can (a strong activation needs large weights).
+    """
     if method in DOWN_WEIGHTED:
         return stat_sum * down_norms_sq
+    if method in PRIOR_MIXED:
+        return _share(stat_sum) + MAGNITUDE_PRIOR_WEIGHT * _share(static_scores.float().square())
     return stat_sum
+
+
+def _share(x: torch.Tensor) -> torch.Tensor:
+    """Each entry's share of its row's sum (rows of zeros stay zero)."""
+    return x / x.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def layer_budgets(ks: tuple[int, ...] | list[int], method: str, width: int) -> tuple[int, ...]:
@@ -104,14 +127,15 @@ def select_experts(
     """One layer's experts for one sequence, as sorted int64 indices of length ``k``.
 
     ``stat_sum`` is the summed contributions (``s**2``); ``static_scores`` is
-    :func:`magnitude_scores`; ``down_norms`` is :func:`down_norms` (``topk_down*``). The sampling methods follow the authors' code:
+    :func:`magnitude_scores` (``magnitude``, ``topk_magnitude``); ``down_norms`` is
+    :func:`down_norms` (``topk_down*``). The sampling methods follow the authors' code:
     probabilities proportional to ``s`` (not ``s**2``), without replacement.
     """
     if not 0 <= k <= width:
         raise ValueError(f"k={k} must lie in [0, {width}]")
     if method in RANK_METHODS:
         sq = down_norms.float().square() if method in DOWN_WEIGHTED else None
-        idx = torch.topk(rank_scores(stat_sum, method, sq), k).indices
+        idx = torch.topk(rank_scores(stat_sum, method, sq, static_scores), k).indices
     elif method == "magnitude":
         idx = torch.topk(static_scores, k).indices
     elif method == "random":

@@ -386,6 +386,9 @@ class GriffinState:
             if slots:
                 acc = self.tp.all_gather(self.acc[:, slots].contiguous())
             static, width = self._all_static_scores(plan.finishing), self.full_width
+            if self._full_static_scores is None and any(s.method in algorithm.PRIOR_MIXED for s in plan.finishing):
+                # topk_magnitude mixes the magnitude prior over all neurons (gathered once).
+                self._full_static_scores = static = self.tp.all_gather(self.static_scores.contiguous())
         chosen: dict[str, list[torch.Tensor | None]] = {s.req_id: [None] * self.num_layers for s in plan.finishing}
         down_sq = self._all_down_norms_sq(plan.finishing) if self.global_tp else self.down_norms_sq
         topk_groups: dict[tuple[int, str], list[tuple[int, RequestState]]] = {}
@@ -402,7 +405,7 @@ class GriffinState:
         for (k, method), pairs in topk_groups.items():
             layers = torch.tensor([layer for layer, _ in pairs], device=self.device)
             rows = torch.tensor([acc_pos[s.acc_slot] for _, s in pairs], device=self.device)
-            scores = algorithm.rank_scores(acc[layers, rows], method, down_sq[layers])
+            scores = algorithm.rank_scores(acc[layers, rows], method, down_sq[layers], static[layers])
             idx = algorithm.topk_experts_batched(scores, k)
             if self.tp is None:  # the common case: one batched write
                 slots = torch.tensor([s.slot for _, s in pairs], device=self.device)
