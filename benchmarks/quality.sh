@@ -22,6 +22,11 @@ for model in smollm2-135m-instruct gemma-3-270m; do
   # 3. the reference point: rows 0-39, 48 greedy tokens, density 0.5
   griffin eval xsum --model $model --limit 40 --max-tokens 48 --out $Q/xsum_ref40_$model.json --setting greedy \
     --methods full,topk,topk_down,topk_down_first_dense --densities 0.5
+  # 4. topk_magnitude (the statistic plus a weight-magnitude prior): the sweep and the reference point
+  griffin eval xsum --model $model --limit $rows --max-tokens 64 --out $out --append --setting greedy \
+    --methods topk_magnitude
+  griffin eval xsum --model $model --limit 40 --max-tokens 48 --out $Q/xsum_ref40_$model.json --append \
+    --setting greedy --methods topk_magnitude --densities 0.5
   $PY -m vllm_griffin.cli plot overlap --experts $EXPORTS/$model --plot-methods topk,topk_sample \
     --out $Q/overlap_$model.json
 done
