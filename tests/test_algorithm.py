@@ -191,3 +191,33 @@ def test_topk_magnitude_is_scale_free_and_is_topk_under_a_flat_prior():
     assert torch.isfinite(zero).all()
     assert torch.equal(torch.topk(zero, 20).indices.sort().values,
                        algorithm.select_experts(None, 20, "magnitude", width=64, static_scores=magnitude[0]))
+
+
+def test_engine_state_selects_topk_magnitude_like_the_definition():
+    """GriffinState (the engine's per-request tables, no engine) picks the same experts as
+    select_experts for topk_magnitude, next to a topk request on the same prompt in one batch."""
+    from tests.oracle import statistic_from_activations
+    from vllm_griffin.config import GriffinConfig
+    from vllm_griffin.state import GriffinState, StepRow
+
+    layers, width = 2, 16
+    state = GriffinState(GriffinConfig(), layers, width, torch.device("cpu"), max_seqs=4)
+    gen = torch.Generator().manual_seed(0)
+    state.static_scores.copy_(torch.rand(layers, width, generator=gen) + 0.5)
+    state.static_scores[:, 3] = 20.0  # neuron 3: huge weights, never active in the prompt
+    z = torch.randn(9, width, generator=gen)
+    z[:, 3] = 0
+    rows = [StepRow("mag", 9, 0, 9, {"griffin_method": "topk_magnitude"}), StepRow("paper", 9, 0, 9)]
+    plan = state.plan_step(rows)
+    dense = torch.cat([z, z])
+    for layer in range(layers):
+        state.capture(layer, dense[plan.capture_pos] * (layer + 1), plan)
+    state.finish_step(plan)
+    for layer in range(layers):
+        stat = statistic_from_activations(z * (layer + 1)).square()
+        want = algorithm.select_experts(stat, width // 2, "topk_magnitude", width=width,
+                                        static_scores=state.static_scores[layer])
+        assert state.experts_of("mag")[layer].tolist() == want.tolist()
+        assert 3 in want.tolist()
+        paper = algorithm.select_experts(stat, width // 2, "topk", width=width)
+        assert state.experts_of("paper")[layer].tolist() == paper.tolist() and 3 not in paper.tolist()
