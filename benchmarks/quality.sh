@@ -35,6 +35,10 @@ griffin eval xsum --model smollm2-135m-instruct --limit 16 --max-tokens 64 --out
   --append --setting paper --methods full,topk,topk_down,topk_down_first_dense
 griffin eval xsum --model gemma-3-270m --limit 8 --max-tokens 64 --out $Q/xsum_gemma-3-270m.json \
   --append --setting paper --methods full,topk,topk_down,topk_down_first_dense
+griffin eval xsum --model smollm2-135m-instruct --limit 16 --max-tokens 64 --out $Q/xsum_smollm2-135m-instruct.json \
+  --append --setting paper --methods topk_magnitude
+griffin eval xsum --model gemma-3-270m --limit 8 --max-tokens 64 --out $Q/xsum_gemma-3-270m.json \
+  --append --setting paper --methods topk_magnitude
 rm -rf "$EXPORTS"
 # Hugging Face model only (no engine)
 $PY -m vllm_griffin.cli plot flocking --model smollm2-135m-instruct --row 0 --out $Q/flocking_smollm2.png
