@@ -221,3 +221,28 @@ def test_engine_state_selects_topk_magnitude_like_the_definition():
         assert 3 in want.tolist()
         paper = algorithm.select_experts(stat, width // 2, "topk", width=width)
         assert state.experts_of("paper")[layer].tolist() == paper.tolist() and 3 not in paper.tolist()
+
+
+def test_topk_magnitude_under_tensor_parallelism_is_the_single_device_choice():
+    """Two ranks with half the neurons each (in-process collectives): the global selection
+    mixes the whole layer's prior, so the ranks together keep the one-device experts."""
+    from tests.oracle import statistic_from_activations
+    from tests.test_state_tp import LAYERS, RANKS, WIDTH, make_ranks, prefill
+
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(7, WIDTH, generator=gen)
+    magnitude = torch.rand(LAYERS, WIDTH, generator=gen) + 0.5
+    magnitude[:, 1] = 30.0  # rank 0's neuron 1: large weights, silent prompt
+    z[:, 1] = 0
+    z[:, WIDTH // RANKS:] *= 3  # rank 1's neurons dominate the statistic: uneven counts per rank
+    states = make_ranks("global", density=0.5, method="topk_magnitude")
+    half = WIDTH // RANKS
+    for rank, state in enumerate(states):
+        state.static_scores.copy_(magnitude[:, rank * half:(rank + 1) * half])
+    per_rank = prefill(states, z)
+    for layer in range(LAYERS):
+        stat = statistic_from_activations(z * (layer + 1)).square()
+        want = algorithm.select_experts(stat, WIDTH // 2, "topk_magnitude", width=WIDTH,
+                                        static_scores=magnitude[layer])
+        got = torch.cat([per_rank[r][layer] for r in range(RANKS)]).sort().values
+        assert got.tolist() == want.tolist() and 1 in got.tolist()
