@@ -45,3 +45,5 @@ $PY -m vllm_griffin.cli plot flocking --model smollm2-135m-instruct --row 0 --ou
 $PY -m vllm_griffin.cli plot flocking --model gemma-3-270m --row 0 --out $Q/flocking_gemma3.png
 $PY -m vllm_griffin.cli eval drift --model smollm2-135m-instruct --methods topk,topk_down,topk_down_first_dense \
   --densities 0.5 --prompts 2 --threads 1 --out $Q/drift_smollm2.json
+$PY -m vllm_griffin.cli eval drift --model smollm2-135m-instruct --methods topk_magnitude \
+  --densities 0.5 --prompts 2 --threads 1 --out $Q/drift_smollm2_topk_magnitude.json
