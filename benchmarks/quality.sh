@@ -27,6 +27,9 @@ for model in smollm2-135m-instruct gemma-3-270m; do
     --methods topk_magnitude
   griffin eval xsum --model $model --limit 40 --max-tokens 48 --out $Q/xsum_ref40_$model.json --append \
     --setting greedy --methods topk_magnitude --densities 0.5
+  # 5. held out: rows 40-79 (the prior's weight was chosen on rows 0-19); row 65 needs more than 2048 tokens
+  griffin eval xsum --model $model --start 40 --limit 40 --max-tokens 48 --max-model-len 4096 --setting greedy \
+    --methods full,topk,topk_magnitude --densities 0.5 --out $Q/xsum_heldout40_$model.json
   $PY -m vllm_griffin.cli plot overlap --experts $EXPORTS/$model --plot-methods topk,topk_sample \
     --out $Q/overlap_$model.json
 done
