@@ -47,12 +47,12 @@ def test_plan_asks_dense_once_per_setting():
 
 @pytest.mark.slow
 def test_xsum_eval_on_an_engine(engines, tmp_path, smollm2_dir):
-    """Two rows, 8 greedy tokens, dense + topk + topk_down_first_dense at 0.5, experts exported:
+    """Two rows, 8 greedy tokens, dense + topk + topk_down_first_dense + topk_magnitude at 0.5, experts exported:
     the JSON holds real outputs, its ROUGE is recomputable from them, dense equals the
     Hugging Face model's greedy tokens, and the exported experts give an overlap table."""
     out, experts = tmp_path / "r.json", tmp_path / "experts"
     cmd = [sys.executable, "-m", "vllm_griffin.cli", "eval", "xsum", "--model", "smollm2-135m-instruct",
-           "--limit", "2", "--setting", "greedy", "--methods", "full,topk,topk_down_first_dense", "--densities", "0.5",
+           "--limit", "2", "--setting", "greedy", "--methods", "full,topk,topk_down_first_dense,topk_magnitude", "--densities", "0.5",
            "--max-tokens", "8", "--dtype", "float32", "--out", str(out), "--export-experts", str(experts)]
     try:
         quality_eval.resolve_data(None)
@@ -70,9 +70,9 @@ def test_xsum_eval_on_an_engine(engines, tmp_path, smollm2_dir):
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0 and "| greedy | full |" in out.with_suffix(".md").read_text()
     assert {(e["method"], e["density"], e["rows"]) for e in result["summary"]} == {
-        ("full", 1.0, 2), ("topk", 0.5, 2), ("topk_down_first_dense", 0.5, 2)}
+        ("full", 1.0, 2), ("topk", 0.5, 2), ("topk_down_first_dense", 0.5, 2), ("topk_magnitude", 0.5, 2)}
     samples = result["samples"]
-    assert len(samples) == 6 and all(s["generated_tokens"] > 0 for s in samples)
+    assert len(samples) == 8 and all(s["generated_tokens"] > 0 for s in samples)
     # ROUGE comes from the stored predictions.
     recomputed = quality_eval.rouge_scores([s["prediction"] for s in samples],
                                            [quality_eval.load_rows(Path(result["data"]))[s["row"]]["summary_gt"]
@@ -97,23 +97,24 @@ def test_xsum_eval_on_an_engine(engines, tmp_path, smollm2_dir):
                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):]
         assert s["prediction"] == quality_eval.clean_summary(tok.decode(hf, skip_special_tokens=True))
 
-    # The engine's experts for the new method equal the HF-side selection (same math).
+    # The engine's experts for the new methods equal the HF-side selection (same math).
     from vllm_griffin.export import read_experts
 
     weights = hf_griffin.layer_weights(model)
-    for s in (s for s in samples if s["method"] == "topk_down_first_dense"):
+    for s in (s for s in samples if s["method"] in ("topk_down_first_dense", "topk_magnitude")):
         got, meta = read_experts(experts / f"{s['request_id']}.safetensors")
-        assert meta["method"] == "topk_down_first_dense"
+        assert meta["method"] == s["method"]
         _, acts = hf_griffin.prefill(model, tok(rows[s["row"]]["article"]).input_ids)
-        want = hf_griffin.select(acts, 0.5, "topk_down_first_dense", weights)
-        assert [len(g) for g in got] == [len(w) for w in want] and len(got[0]) == 1536  # layer 0 doubled
+        want = hf_griffin.select(acts, 0.5, s["method"], weights)
+        first = 1536 if s["method"] == "topk_down_first_dense" else 768  # first_dense: layer 0 doubled
+        assert [len(g) for g in got] == [len(w) for w in want] and len(got[0]) == first
         mismatched = [i for i, (g, w) in enumerate(zip(got, want)) if g.long().tolist() != w.tolist()]
         assert not mismatched, f"layers {mismatched} differ"
 
     overlap = tmp_path / "overlap.json"
     assert main(["plot", "overlap", "--experts", str(experts), "--out", str(overlap)]) == 0
     groups = {(g["method"], g["density"]): g for g in json.loads(overlap.read_text())["groups"]}
-    assert set(groups) == {("topk", 0.5), ("topk_down_first_dense", 0.5)}
+    assert set(groups) == {("topk", 0.5), ("topk_down_first_dense", 0.5), ("topk_magnitude", 0.5)}
     g = groups[("topk", 0.5)]
     assert g["requests"] == 2 and len(g["layers"]) == 30
     assert all(0.0 < p["mean"] <= 1.0 for p in g["layers"])
