@@ -37,6 +37,19 @@ def silu_and_mul(x):
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+def capture_graph(fn):
+    """(graph, output) of ``fn`` captured once, after a warm-up on a side stream."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fn()
+    return graph, y
+
+
 def bench(fn, iters=50):
     for _ in range(5):
         fn()
@@ -158,14 +171,7 @@ def union_section(results, ew, w_gu, w_dt, w_d, gen, L, dev, dt, H, D):
         x = torch.randn(rows, H, device=dev, dtype=dt, generator=gen)
         experts = expert_sets(rows, D, k, "overlap", gen, dev)
         counts = torch.full((rows,), k, device=dev)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            experts_mlp_triton_union(x, ew[0], experts, counts, "silu")
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = experts_mlp_triton_union(x, ew[0], experts, counts, "silu")
+        graph, y = capture_graph(lambda: experts_mlp_triton_union(x, ew[0], experts, counts, "silu"))
         experts.copy_(expert_sets(rows, D, k, "random", gen, dev))  # a different union size
         counts.copy_(torch.tensor([k - (t * 331) % k for t in range(rows)], device=dev))
         graph.replay()
@@ -242,14 +248,7 @@ def per_row_section(results, ew, w_gu, w_dt, w_d, gen, L, dev, dt, H, D):
     x = torch.randn(2, H, device=dev, dtype=dt, generator=gen)
     experts = torch.stack([torch.randperm(D, device=dev, generator=gen)[: D // 2].sort().values for _ in range(2)])
     counts = torch.tensor([D // 2, D // 4], device=dev)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        experts_mlp_triton(x, ew[0], experts, counts, "silu")
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = experts_mlp_triton(x, ew[0], experts, counts, "silu")
+    graph, y = capture_graph(lambda: experts_mlp_triton(x, ew[0], experts, counts, "silu"))
     new = torch.stack([torch.randperm(D, device=dev, generator=gen)[: D // 2].sort().values for _ in range(2)])
     experts.copy_(new)
     counts.copy_(torch.tensor([D // 3, D // 2], device=dev))
