@@ -195,7 +195,13 @@ def test_union_from_masks_equals_union_of_expert_lists():
         plan = decode_plan(state, order)
         # ... and on a GPU from packed host copies made at selection (no device sync per step).
         state._keep_host_bits([state.requests[r] for r in order])
+        host = state.host_unions(plan.sparse_req_slots_host)
         for layer in range(LAYERS):
             want = union_size(*state.sparse_experts(layer, plan), WIDTH)
             assert state.sparse_union(layer, plan) == want
-            assert state.host_union(layer, plan.sparse_req_slots_host) == want
+            assert host[layer] == want
+            # The step's masks, gathered once for all layers, are each row's own experts.
+            masks = state.sparse_masks(layer, plan)
+            experts, counts = state.sparse_experts(layer, plan)
+            for row in range(masks.shape[0]):
+                assert masks[row].nonzero().flatten().tolist() == experts[row, : counts[row]].tolist()

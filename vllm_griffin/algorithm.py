@@ -156,8 +156,19 @@ def select_experts(
 
 
 def topk_experts_batched(stat_sums: torch.Tensor, k: int) -> torch.Tensor:
-    """``select_experts(..., method="topk")`` for several sequences with the same k."""
-    return torch.topk(stat_sums, k, dim=-1).indices.sort(dim=-1).values
+    """``select_experts(..., method="topk")`` for several sequences with the same k: [N, k], sorted."""
+    return topk_experts_and_masks(stat_sums, k)[0]
+
+
+def topk_experts_and_masks(stat_sums: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_experts_batched` and the same experts as masks [N, D] bool.
+
+    The ascending order comes from the masks (a scan) rather than from sorting
+    the indices, which cost more than the top-k itself at large k.
+    """
+    idx = torch.topk(stat_sums, k, dim=-1, sorted=False).indices
+    masks = torch.zeros(stat_sums.shape, dtype=torch.bool, device=stat_sums.device).scatter_(-1, idx, True)
+    return masks.nonzero()[:, -1].view(stat_sums.shape[0], k), masks
 
 
 def _device_of(*tensors: torch.Tensor | None) -> torch.device:

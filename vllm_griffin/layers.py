@@ -82,6 +82,7 @@ class GriffinMLP(nn.Module):
         # post-processes the loaded weights (on CPU it then repacks them for
         # oneDNN and drops the plain ones, so this is the only plain copy).
         self.expert_weights: ops.ExpertWeights | None = None
+        self._kernel_ok: bool | None = None  # whether an expert kernel runs them (asked once)
         self._gate_up_loaded: tuple[torch.Tensor, torch.Tensor | None] | None = None
         _on_weights_processed(gate_up, self._keep_gate_up)
         _on_weights_processed(down, self._keep_down)
@@ -129,6 +130,7 @@ class GriffinMLP(nn.Module):
             # GPUs keep vLLM's gate_up rows as they are; only down is transposed.
             weights = ops.ExpertWeights.separate(w_gate_up, weight.t().contiguous(), b_gate_up, b_down)
         self.expert_weights = weights
+        self._kernel_ok = None
         self._gate_up_loaded = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +169,9 @@ class GriffinMLP(nn.Module):
         """Each decode row through its own experts, by the path the cost model picks."""
         layer, width, rows = self.layer_index, self.state.width, xs.shape[0]
         products, kmax = plan.sparse_ksum[layer], plan.sparse_kmax[layer]
-        kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
+        kernel_ok = self._kernel_ok
+        if kernel_ok is None:
+            kernel_ok = self._kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
         experts = counts = union = None
         if kmax == 0:
             # Under TP's global top-k a rank may hold none of these rows' experts:

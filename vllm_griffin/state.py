@@ -105,6 +105,11 @@ class StepPlan:
     sparse_kmax: list[int] = field(default_factory=list)  # per layer
     sparse_counts: list[torch.Tensor] = field(default_factory=list)  # per layer, [T_sparse]
     sparse_ksum: list[int] = field(default_factory=list)  # per layer: sum of the sparse tokens' k
+    # Filled by the first layer that needs them, for every layer at once: one tensor
+    # op per step instead of one per layer (the per-layer calls cost more than the
+    # masked GEMMs of a small model).
+    sparse_masks_all: torch.Tensor | None = None  # [L, T_sparse, D] bool
+    sparse_unions: list[int] | None = None         # per layer: distinct neurons used
     only_sparse: bool = False                  # every token decodes on experts (a pure decode step)
     finishing: list[RequestState] = field(default_factory=list)
     captures: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, new captured)
@@ -406,12 +411,11 @@ class GriffinState:
             layers = torch.tensor([layer for layer, _ in pairs], device=self.device)
             rows = torch.tensor([acc_pos[s.acc_slot] for _, s in pairs], device=self.device)
             scores = algorithm.rank_scores(acc[layers, rows], method, down_sq[layers], static[layers])
-            idx = algorithm.topk_experts_batched(scores, k)
+            idx, masks = algorithm.topk_experts_and_masks(scores, k)
             if self.tp is None:  # the common case: one batched write
                 slots = torch.tensor([s.slot for _, s in pairs], device=self.device)
                 self.experts[layers, slots, :k] = idx.to(torch.int32)
-                masks = torch.zeros(len(pairs), self.width, dtype=torch.bool, device=self.device)
-                self.masks[layers, slots] = masks.scatter_(1, idx, True)
+                self.masks[layers, slots] = masks
             for (layer, state), row in zip(pairs, idx):
                 chosen[state.req_id][layer] = row
         if self.tp is None:
@@ -472,24 +476,29 @@ class GriffinState:
 
     def sparse_masks(self, layer: int, plan: StepPlan) -> torch.Tensor:
         """[T, D] bool: which neurons each of the step's sparse tokens keeps at ``layer``."""
-        return self.masks[layer, plan.sparse_slot]
+        if plan.sparse_masks_all is None:
+            plan.sparse_masks_all = self.masks.index_select(1, plan.sparse_slot)
+        return plan.sparse_masks_all[layer]
 
     def sparse_union(self, layer: int, plan: StepPlan) -> int:
-        """Distinct neurons the step's sparse requests use at ``layer``, counted on the host:
-        from the one-byte masks on a CPU (far cheaper than scattering the expert lists),
-        from the packed copies made at selection on a GPU (no device sync per step)."""
-        slots = plan.sparse_req_slots
-        if slots.numel() == 1:
+        """Distinct neurons the step's sparse requests use at ``layer``, counted on the host
+        for every layer at the first call: from the one-byte masks on a CPU (far cheaper
+        than scattering the expert lists), from the packed copies made at selection on
+        a GPU (no device sync per step)."""
+        if plan.sparse_req_slots.numel() == 1:
             return plan.sparse_kmax[layer]
-        if self.device.type == "cpu":
-            used = self.masks[layer].index_select(0, slots).view(torch.uint8).amax(dim=0)
-            return int(torch.count_nonzero(used))
-        return self.host_union(layer, plan.sparse_req_slots_host)
+        if plan.sparse_unions is None:
+            if self.device.type == "cpu":
+                used = self.masks.index_select(1, plan.sparse_req_slots).view(torch.uint8).amax(dim=1)
+                plan.sparse_unions = torch.count_nonzero(used, dim=-1).tolist()
+            else:
+                plan.sparse_unions = self.host_unions(plan.sparse_req_slots_host)
+        return plan.sparse_unions[layer]
 
-    def host_union(self, layer: int, slots: Sequence[int]) -> int:
-        """Union size of these slots' experts at ``layer`` from their packed host copies."""
-        bits = np.bitwise_or.reduce(np.stack([self.host_bits[s][layer] for s in slots]))
-        return int(_POPCOUNT[bits].sum())
+    def host_unions(self, slots: Sequence[int]) -> list[int]:
+        """Per layer, the union size of these slots' experts from their packed host copies."""
+        bits = np.bitwise_or.reduce(np.stack([self.host_bits[s] for s in slots]), axis=0)  # [L, D/8]
+        return _POPCOUNT[bits].sum(axis=-1).tolist()
 
     def _keep_host_bits(self, finishing: list[RequestState]) -> None:
         # One device-to-host copy per selection step (the V1 runner syncs every step anyway).
