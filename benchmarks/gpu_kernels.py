@@ -65,16 +65,7 @@ def bench(fn, iters=50):
 
 def bench_graph(fn, layers, iters=20):
     """Per-call time with launches replayed from a CUDA graph (as vLLM decodes)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(layers):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(layers):
-            fn(i)
+    graph, _ = capture_graph(lambda: [fn(i) for i in range(layers)])
     return bench(graph.replay, iters) / layers
 
 
