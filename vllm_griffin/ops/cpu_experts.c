@@ -17,6 +17,7 @@
 // never depends on which rows share its step.
 // Compiled at first use by vllm_griffin/ops/cpu_kernel.py (cc -O3 -march=native).
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -52,6 +53,8 @@ static inline vec vset1(float v) { return _mm256_set1_ps(v); }
 static inline vec vloadx(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec load_f32(const float* p) { return _mm256_loadu_ps(p); }
 static inline vec load_bf16(const uint16_t* p) {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
@@ -71,6 +74,8 @@ static inline vec vset1(float v) { return v; }
 static inline vec vloadx(const float* p) { return *p; }
 static inline void vstore(float* p, vec v) { *p = v; }
 static inline vec vfma(vec a, vec b, vec c) { return fmaf(a, b, c); }
+static inline vec vadd(vec a, vec b) { return a + b; }
+static inline vec vmul(vec a, vec b) { return a * b; }
 static inline vec load_f32(const float* p) { return *p; }
 static inline vec load_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
 static inline float vsum(vec v) { return v; }
@@ -220,3 +225,82 @@ void griffin_experts_union_##SUFFIX(const float* x, const WT* w_gate, const WT* 
 
 DEFINE_KERNELS(f32, float, load_f32, f32_id)
 DEFINE_KERNELS(bf16, uint16_t, load_bf16, bf16_to_f32)
+
+// Prefill: the prompt statistic's per-token contributions, in one pass over z.
+//
+// Contract (one layer, one rank), as capture_reference in vllm_griffin/ops/reference.py:
+//   token m reads row pos[m] of z (row m when pos is NULL; rows z_stride elements apart,
+//   D contiguous elements each); n_m = sq_norms[m] when given (tensor parallelism: the
+//   norm over every rank's neurons), else sum_j z_j^2; n_m = max(n_m, FLT_MIN) so an
+//   all-zero row adds 0 rather than NaN; c_j = z_j^2 / n_m (as z_j^2 * (1/n_m));
+//   acc[acc_idx[m]] += c and blk[blk_idx[m]] += c, each skipped when its index is < 0
+//   (or its array is NULL). Tokens run in order, so one row's additions never race.
+// Token-major: the norm, then the additions while the row is still in L1; no
+// [M, D] temporaries (the torch path makes several).
+
+#define DEFINE_CAPTURE(SUFFIX, WT, LOAD, TOF)                                                    \
+/* sum_j z_j^2 with four independent 8-lane chains (hides the FMA latency). */                  \
+static inline float row_sq_norm_##SUFFIX(const WT* z, int64_t D) {                              \
+    vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();                                 \
+    int64_t j = 0;                                                                              \
+    for (; j + 4 * LANES <= D; j += 4 * LANES) {                                                \
+        vec v0 = LOAD(z + j), v1 = LOAD(z + j + LANES);                                         \
+        vec v2 = LOAD(z + j + 2 * LANES), v3 = LOAD(z + j + 3 * LANES);                         \
+        a0 = vfma(v0, v0, a0); a1 = vfma(v1, v1, a1);                                           \
+        a2 = vfma(v2, v2, a2); a3 = vfma(v3, v3, a3);                                           \
+    }                                                                                           \
+    for (; j + LANES <= D; j += LANES) { vec v = LOAD(z + j); a0 = vfma(v, v, a0); }            \
+    float s = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));                                           \
+    for (; j < D; j++) { float v = TOF(z[j]); s = fmaf(v, v, s); }                              \
+    return s;                                                                                   \
+}                                                                                               \
+void griffin_sq_norms_##SUFFIX(const WT* z, int64_t z_stride, int64_t D, const int64_t* pos,    \
+                               int64_t M, float* out) {                                         \
+    for (int64_t m = 0; m < M; m++)                                                             \
+        out[m] = row_sq_norm_##SUFFIX(z + (pos ? pos[m] : m) * z_stride, D);                    \
+}                                                                                               \
+void griffin_capture_##SUFFIX(const WT* z, int64_t z_stride, int64_t D, const int64_t* pos,     \
+        int64_t M, const float* sq_norms, float* acc, const int64_t* acc_idx, float* blk,       \
+        const int64_t* blk_idx) {                                                               \
+    for (int64_t m = 0; m < M; m++) {                                                           \
+        float* a = (acc && acc_idx[m] >= 0) ? acc + acc_idx[m] * D : NULL;                      \
+        float* b = (blk && blk_idx[m] >= 0) ? blk + blk_idx[m] * D : NULL;                      \
+        if (!a && !b) continue;                 /* nobody counts this token: skip its norm */  \
+        const WT* row = z + (pos ? pos[m] : m) * z_stride;                                      \
+        float n = sq_norms ? sq_norms[m] : row_sq_norm_##SUFFIX(row, D);                        \
+        if (n < FLT_MIN) n = FLT_MIN;           /* as clamp_min(tiny); NaN stays NaN */         \
+        float inv = 1.0f / n;                                                                   \
+        vec vinv = vset1(inv);                                                                  \
+        int64_t j = 0;                                                                          \
+        if (a && b) {                                                                           \
+            for (; j + LANES <= D; j += LANES) {                                                \
+                vec v = LOAD(row + j), c = vmul(vmul(v, v), vinv);                              \
+                vstore(a + j, vadd(vloadx(a + j), c));                                          \
+                vstore(b + j, vadd(vloadx(b + j), c));                                          \
+            }                                                                                   \
+        } else {                                                                                \
+            float* t = a ? a : b;                                                               \
+            for (; j + LANES <= D; j += LANES) {                                                \
+                vec v = LOAD(row + j);                                                          \
+                vstore(t + j, vadd(vloadx(t + j), vmul(vmul(v, v), vinv)));                     \
+            }                                                                                   \
+        }                                                                                       \
+        for (; j < D; j++) {                                                                    \
+            float v = TOF(row[j]), c = (v * v) * inv;                                           \
+            if (a) a[j] += c;                                                                   \
+            if (b) b[j] += c;                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+}
+
+// The wrappers check every index before the kernel writes through them (as
+// index_add_ would): the first m with idx[m] >= high, or < 0 when negatives are
+// not skips; -1 when all are fine. A loop over M ints, cheaper than torch ops.
+int64_t griffin_first_bad_index(const int64_t* idx, int64_t M, int64_t high, int negative_skips) {
+    for (int64_t m = 0; m < M; m++)
+        if (idx[m] >= high || (!negative_skips && idx[m] < 0)) return m;
+    return -1;
+}
+
+DEFINE_CAPTURE(f32, float, load_f32, f32_id)
+DEFINE_CAPTURE(bf16, uint16_t, load_bf16, bf16_to_f32)

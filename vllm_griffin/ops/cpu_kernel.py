@@ -1,4 +1,4 @@
-"""Build and call the C decode kernel (cpu_experts.c) on the CPU.
+"""Build and call the C kernels (cpu_experts.c) on the CPU: decode experts and prefill capture.
 
 Compiled once per machine with the system C compiler (``-O3 -march=native``)
 into ``$VLLM_GRIFFIN_HOME/kernels/<source hash>/``, loaded with ctypes: no
@@ -77,6 +77,14 @@ def load() -> ctypes.CDLL | None:
         for suffix in _WEIGHT_SUFFIX.values():
             fn = getattr(lib, f"griffin_experts_{order}_{suffix}")
             fn.argtypes, fn.restype = args, None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    for suffix in _WEIGHT_SUFFIX.values():
+        fn = getattr(lib, f"griffin_capture_{suffix}")
+        fn.argtypes, fn.restype = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr], None
+        fn = getattr(lib, f"griffin_sq_norms_{suffix}")
+        fn.argtypes, fn.restype = [ptr, i64, i64, ptr, i64, ptr], None
+    lib.griffin_first_bad_index.argtypes = [ptr, i64, i64, ctypes.c_int]
+    lib.griffin_first_bad_index.restype = i64
     _lib = lib
     return _lib
 
@@ -99,3 +107,89 @@ def experts_mlp_cpu(x, weights: ExpertWeights, experts, counts, activation: str,
        weights.gate.stride(0), experts.data_ptr(), counts.data_ptr(), out.data_ptr(),
        rows, hidden, weights.width, experts.shape[1], ACT_CODES[activation])
     return out.to(x.dtype)
+
+
+# --- prefill capture (contract: capture_reference in vllm_griffin/ops/reference.py) ---
+
+def _capture_lib() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError("GRIFFIN: the CPU capture kernel is unavailable (no C compiler?); "
+                           "use vllm_griffin.ops.capture, which falls back to torch")
+    return lib
+
+
+def _rows(z: torch.Tensor) -> torch.Tensor:
+    """z as [N, D] rows the kernel can walk: unit column stride, any row stride."""
+    if z.device.type != "cpu":
+        raise ValueError(f"z is on {z.device}; the C kernel needs CPU tensors")
+    if z.dim() != 2:
+        raise ValueError(f"z must be 2-D [tokens, neurons], got shape {tuple(z.shape)}")
+    if z.dtype not in _WEIGHT_SUFFIX:
+        raise ValueError(f"z dtype {z.dtype} is not supported by the C kernel; allowed: float32, bfloat16")
+    return z if z.stride(1) == 1 or z.shape[1] <= 1 else z.contiguous()
+
+
+def _index(lib: ctypes.CDLL, name: str, idx: torch.Tensor, length: int, high: int, allow_skip: bool) -> torch.Tensor:
+    """int64, contiguous, ``length`` entries, each < ``high`` (and >= 0 unless negatives
+    mean skip). Checked because the kernel writes through these indices unchecked."""
+    if idx.device.type != "cpu":
+        raise ValueError(f"{name} is on {idx.device}; the C kernel needs CPU tensors")
+    idx = idx.reshape(-1).to(torch.int64).contiguous()
+    if idx.numel() != length:
+        raise ValueError(f"{name} has {idx.numel()} entries; expected {length} (one per token)")
+    bad = lib.griffin_first_bad_index(idx.data_ptr(), length, high, int(allow_skip))
+    if bad >= 0:
+        allowed = f"-1 (skip) or 0..{high - 1}" if allow_skip else f"0..{high - 1}"
+        raise ValueError(f"{name}[{bad}] = {int(idx[bad])}; allowed: {allowed}")
+    return idx
+
+
+def _target(name: str, t: torch.Tensor, width: int) -> None:
+    if (t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() or t.dim() != 2
+            or t.shape[1] != width):
+        raise ValueError(f"{name} must be a contiguous float32 CPU [rows, {width}] tensor, got {t.dtype} "
+                         f"{tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})")
+
+
+def capture_cpu(z, pos, sq_norms, acc, acc_idx, blk=None, blk_idx=None) -> None:
+    """acc[acc_idx[m]] += z[pos[m]]**2 / ||z[pos[m]]||**2 (and blk likewise), in place.
+
+    ``pos`` None means every row of z; ``sq_norms`` ([M] or [M, 1]) replaces the
+    row norms (a tensor-parallel rank's slice); an index of -1 skips that token.
+    """
+    lib = _capture_lib()
+    z = _rows(z)
+    rows, width = z.shape
+    if pos is not None:
+        pos = _index(lib, "pos", pos, pos.numel(), rows, allow_skip=False)
+    tokens = rows if pos is None else pos.numel()
+    if sq_norms is not None:
+        sq_norms = sq_norms.reshape(-1).to(device="cpu", dtype=torch.float32).contiguous()
+        if sq_norms.numel() != tokens:
+            raise ValueError(f"sq_norms has {sq_norms.numel()} entries; expected {tokens} (one per token)")
+    targets = []
+    for name, target, idx in (("acc", acc, acc_idx), ("blk", blk, blk_idx)):
+        if target is None:
+            targets += [None, None]
+            continue
+        if idx is None:
+            raise ValueError(f"{name} is given but {name}_idx is None")
+        _target(name, target, width)
+        targets += [target, _index(lib, f"{name}_idx", idx, tokens, target.shape[0], allow_skip=True)]
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    fn = getattr(lib, f"griffin_capture_{_WEIGHT_SUFFIX[z.dtype]}")
+    fn(z.data_ptr(), z.stride(0), width, ptr(pos), tokens, ptr(sq_norms), *(ptr(t) for t in targets))
+
+
+def sq_norms_cpu(z, pos=None) -> torch.Tensor:
+    """[M, 1] float32: ||z[pos[m]]||**2 (every row when ``pos`` is None)."""
+    lib = _capture_lib()
+    z = _rows(z)
+    if pos is not None:
+        pos = _index(lib, "pos", pos, pos.numel(), z.shape[0], allow_skip=False)
+    tokens = z.shape[0] if pos is None else pos.numel()
+    out = torch.empty(tokens, 1, dtype=torch.float32)
+    fn = getattr(lib, f"griffin_sq_norms_{_WEIGHT_SUFFIX[z.dtype]}")
+    fn(z.data_ptr(), z.stride(0), z.shape[1], None if pos is None else pos.data_ptr(), tokens, out.data_ptr())
+    return out

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from vllm_griffin.algorithm import prompt_contributions
+
 ActAndMul = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -132,3 +134,19 @@ def valid_entries(experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """[T, K] bool: which expert-table entries are real (the first counts[t] of row t)."""
     positions = torch.arange(experts.shape[1], device=experts.device)
     return positions.unsqueeze(0) < counts.unsqueeze(1)
+
+
+def capture_reference(z, pos, sq_norms, acc, acc_idx, blk=None, blk_idx=None) -> None:
+    """Prefill capture, in place: token m (row ``pos[m]`` of z [N, D]; row m when
+    ``pos`` is None) adds its contributions z**2 / ||z||**2 to ``acc[acc_idx[m]]``
+    and ``blk[blk_idx[m]]`` ([S, D] / [B, D] float32); an index < 0 skips that
+    target. ``sq_norms`` ([M] or [M, 1]) replaces the row norms (tensor-parallel
+    slice). The C kernel's oracle, and the path for GPUs and other dtypes."""
+    rows = z if pos is None else z.index_select(0, pos)
+    if sq_norms is not None:
+        sq_norms = sq_norms.reshape(-1, 1)
+    contrib = prompt_contributions(rows, sq_norms)
+    for target, idx in ((acc, acc_idx), (blk, blk_idx)):
+        if target is not None:
+            keep = idx.reshape(-1) >= 0
+            target.index_add_(0, idx.reshape(-1)[keep], contrib[keep])
