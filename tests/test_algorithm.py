@@ -211,7 +211,7 @@ def test_engine_state_selects_topk_magnitude_like_the_definition():
     plan = state.plan_step(rows)
     dense = torch.cat([z, z])
     for layer in range(layers):
-        state.capture(layer, dense[plan.capture_pos] * (layer + 1), plan)
+        state.capture(layer, dense * (layer + 1), plan)
     state.finish_step(plan)
     for layer in range(layers):
         stat = statistic_from_activations(z * (layer + 1)).square()

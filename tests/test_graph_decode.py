@@ -55,7 +55,7 @@ def prefill(state: GriffinState, requests: dict[str, tuple[int, float]]) -> None
     plan = state.plan_step(rows)
     z = torch.cat([prompt_z(ord(rid[0]), plen) for rid, (plen, _) in requests.items()], dim=1)
     for layer in range(LAYERS):
-        state.capture(layer, z[layer].index_select(0, plan.capture_pos), plan)
+        state.capture(layer, z[layer], plan)
     state.finish_step(plan)
 
 

@@ -111,7 +111,7 @@ def _forward(griffin: GriffinState, rows) -> None:
     z = torch.cat([_z(r, range(c, c + n)) for r, c, n in rows], dim=1)
     dense = z if plan.dense_idx is None else z[:, plan.dense_idx]
     for layer in range(LAYERS):
-        griffin.capture(layer, dense[layer].index_select(0, plan.capture_pos), plan)
+        griffin.capture(layer, dense[layer], plan)
 
 
 def _step(state, griffin, rows, padded=None):

@@ -13,6 +13,18 @@ from vllm_griffin.state import GriffinState, StepRow
 LAYERS, WIDTH = 2, 16
 
 
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def capture_path(request, monkeypatch):
+    """Every test runs with the C capture kernel and with the plain-torch capture (GPUs)."""
+    if request.param == "torch":
+        monkeypatch.setattr("vllm_griffin.state.capture_ops.uses_kernel", lambda z: False)
+    else:
+        from vllm_griffin.ops import capture
+
+        assert capture.uses_kernel(torch.zeros(1, 1))
+    return request.param
+
+
 def make_state(max_seqs=4, **cfg):
     return GriffinState(GriffinConfig(**cfg), LAYERS, WIDTH, torch.device("cpu"), max_seqs=max_seqs)
 
@@ -22,7 +34,7 @@ def run_layers(state, plan, z_all):
     dense = z_all if plan.dense_idx is None else z_all[plan.dense_idx]
     for layer in range(LAYERS):
         if plan.capture_pos is not None:
-            state.capture(layer, dense[plan.capture_pos] * (layer + 1), plan)
+            state.capture(layer, dense * (layer + 1), plan)
     state.finish_step(plan)
 
 

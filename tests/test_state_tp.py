@@ -87,7 +87,7 @@ def prefill(states, z_full, chunks=(5, 4), req="a", extra_args=None):
             z = z_full[computed:computed + chunk, rank * half:(rank + 1) * half]
             for layer in range(LAYERS):
                 if plan.capture_pos is not None:
-                    state.capture(layer, z[plan.capture_pos] * (layer + 1), plan)
+                    state.capture(layer, z * (layer + 1), plan)
             state.finish_step(plan)
             computed += chunk
         return [e + rank * half for e in state.experts_of(req)]

@@ -148,7 +148,7 @@ class GriffinMLP(nn.Module):
         if plan.dense_idx is None:  # only prompt tokens: the full MLP, capturing on the way
             gate_up, _ = self._gate_up_fn(x)
             z = self._act_fn(gate_up)
-            state.capture(layer, z.index_select(0, plan.capture_pos), plan)
+            state.capture(layer, z, plan)
             out, _ = self._down_fn(z)
             return out
         if plan.only_sparse and x.shape[0] == plan.num_tokens:  # a pure decode step: no copies
@@ -159,7 +159,7 @@ class GriffinMLP(nn.Module):
             gate_up, _ = self._gate_up_fn(x.index_select(0, dense_idx))
             z = self._act_fn(gate_up)
             if plan.capture_pos is not None:
-                state.capture(layer, z.index_select(0, plan.capture_pos), plan)
+                state.capture(layer, z, plan)
             dense_out, _ = self._down_fn(z)
             out.index_copy_(0, dense_idx, dense_out)
         out.index_copy_(0, plan.sparse_idx, self._run_experts(x.index_select(0, plan.sparse_idx), plan))

@@ -32,6 +32,7 @@ import torch
 
 from vllm_griffin import algorithm
 from vllm_griffin.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
+from vllm_griffin.ops import capture as capture_ops
 
 logger = logging.getLogger("vllm.griffin.state")
 
@@ -98,6 +99,10 @@ class StepPlan:
     capture_acc_sel: torch.Tensor | None = None  # which captured tokens those are (None: all)
     block_rows: torch.Tensor | None = None     # prefix caching: per-block statistic row per token...
     block_sel: torch.Tensor | None = None      # ...of these captured tokens (None: all)
+    # The same, one entry per captured token, -1 where it does not count (the CPU
+    # capture kernel's form: one pass over the activations, no gathered copies).
+    capture_slots: torch.Tensor | None = None
+    capture_blocks: torch.Tensor | None = None
     sparse_idx: torch.Tensor | None = None     # tokens through their experts
     sparse_slot: torch.Tensor | None = None    # expert-table slot per sparse token
     sparse_req_slots: torch.Tensor | None = None  # the distinct slots among them (one per request)
@@ -358,11 +363,24 @@ class GriffinState:
         self.prefix_hit_tokens += start
 
     def capture(self, layer: int, z: torch.Tensor, plan: StepPlan) -> None:
-        """Add the captured tokens' contributions (``z`` = their activations) into the accumulator."""
+        """Add the captured tokens' contributions into the accumulator (and the KV blocks'
+        rows). ``z`` holds the activations of the step's dense tokens; ``plan.capture_pos``
+        picks the captured ones."""
         start = time.perf_counter()
+        if plan.capture_slots is not None and capture_ops.uses_kernel(z):
+            # One pass over z, no gathered or squared copies (ops/capture.py).
+            sq_norms = None
+            if self.tp is not None:
+                # This rank holds a slice of each z_t; the norm runs over every rank's neurons.
+                sq_norms = self.tp.all_reduce(capture_ops.capture_sq_norms(z, plan.capture_pos))
+            blocks = self.block_stats[layer] if plan.capture_blocks is not None else None
+            capture_ops.capture_statistic(z, plan.capture_pos, self.acc[layer], plan.capture_slots,
+                                          blocks, plan.capture_blocks, sq_norms)
+            self.capture_seconds += time.perf_counter() - start
+            return
+        z = z.index_select(0, plan.capture_pos)
         sq_norms = None
         if self.tp is not None:
-            # This rank holds a slice of each z_t; the norm runs over every rank's neurons.
             sq_norms = self.tp.all_reduce(z.float().square().sum(dim=-1, keepdim=True))
         contrib = algorithm.prompt_contributions(z, sq_norms)
         if plan.capture_acc is not None:
@@ -619,6 +637,16 @@ class _Captures:
         if self.rows:
             plan.block_rows = to(self.rows)
             plan.block_sel = None if self.block_sel == everything else to(self.block_sel)
+        if state_tbl.device.type == "cpu":
+            slots = [-1] * len(self.pos)
+            for sel, slot in zip(self.acc_sel, self.acc):
+                slots[sel] = slot
+            plan.capture_slots = to(slots)
+            if self.rows:
+                blocks = [-1] * len(self.pos)
+                for sel, row in zip(self.block_sel, self.rows):
+                    blocks[sel] = row
+                plan.capture_blocks = to(blocks)
         if self.zero_rows:
             # A block filled from its first token holds new content (vLLM reuses blocks).
             state_tbl.block_stats[:, to(self.zero_rows)] = 0
