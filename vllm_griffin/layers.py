@@ -167,30 +167,19 @@ class GriffinMLP(nn.Module):
 
     def _run_experts(self, xs: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Each decode row through its own experts, by the path the cost model picks."""
-        layer, width, rows = self.layer_index, self.state.width, xs.shape[0]
-        products, kmax = plan.sparse_ksum[layer], plan.sparse_kmax[layer]
+        layer = self.layer_index
         kernel_ok = self._kernel_ok
         if kernel_ok is None:
             kernel_ok = self._kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
-        experts = counts = union = None
-        if kmax == 0:
-            # Under TP's global top-k a rank may hold none of these rows' experts:
-            # the masked GEMMs still add the bias and join the all-reduce.
-            path = "masked"
-        elif kernel_ok and not ops.kernel_can_win(xs.device, rows, width, kmax, products):
-            path = "masked"  # even the smallest union loses: no need to count it
-        else:
-            union = self.state.sparse_union(layer, plan)
-            path = ops.choose_path(xs.device, kernel_ok, rows, width, union, products)
-            if path != "masked":
-                experts, counts = self.state.sparse_experts(layer, plan)
-        self.state.record_path(path, union, rows)
+        path, union = self.state.decode_paths(plan, kernel_ok, xs.device)[layer]
+        self.state.record_path(path, union, xs.shape[0])
         if path == "masked":
             # vLLM's own GEMMs (and its tensor-parallel reduction), experts kept per row.
             gate_up, _ = self._gate_up_fn(xs)
             z = self._act_fn(gate_up)
-            out, _ = self._down_fn(z.mul_(self.state.sparse_masks(layer, plan)))
+            out, _ = self._down_fn(z.mul_(self.state.sparse_keep(layer, plan, z.dtype)))
             return out
+        experts, counts = self.state.sparse_experts(layer, plan)
         if path in ("rows", "union"):
             from vllm_griffin.ops.cpu_kernel import experts_mlp_cpu
 

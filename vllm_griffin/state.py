@@ -33,6 +33,7 @@ import torch
 from vllm_griffin import algorithm
 from vllm_griffin.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
 from vllm_griffin.ops import capture as capture_ops
+from vllm_griffin.ops import dispatch
 
 logger = logging.getLogger("vllm.griffin.state")
 
@@ -115,6 +116,8 @@ class StepPlan:
     # masked GEMMs of a small model).
     sparse_masks_all: torch.Tensor | None = None  # [L, T_sparse, D] bool
     sparse_unions: list[int] | None = None         # per layer: distinct neurons used
+    sparse_keep_all: torch.Tensor | None = None    # the masks as 0/1 in the activations' dtype
+    sparse_paths: dict[bool, list[tuple[str, int | None]]] = field(default_factory=dict)
     only_sparse: bool = False                  # every token decodes on experts (a pure decode step)
     finishing: list[RequestState] = field(default_factory=list)
     captures: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, new captured)
@@ -497,6 +500,37 @@ class GriffinState:
         if plan.sparse_masks_all is None:
             plan.sparse_masks_all = self.masks.index_select(1, plan.sparse_slot)
         return plan.sparse_masks_all[layer]
+
+    def sparse_keep(self, layer: int, plan: StepPlan, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`sparse_masks` as 0/1 in ``dtype``: a same-dtype multiply is several
+        times cheaper than one by a bool mask, and is converted once per step."""
+        if plan.sparse_keep_all is None or plan.sparse_keep_all.dtype != dtype:
+            masks = plan.sparse_masks_all
+            if masks is None:
+                masks = self.masks.index_select(1, plan.sparse_slot)
+            plan.sparse_keep_all = masks.to(dtype)
+        return plan.sparse_keep_all[layer]
+
+    def decode_paths(self, plan: StepPlan, kernel_ok: bool, device: torch.device) -> list[tuple[str, int | None]]:
+        """Per layer, (the path ops.dispatch picks for the step's sparse rows, their union
+        size where it was counted). Decided for every layer at the first call of a step."""
+        paths = plan.sparse_paths.get(kernel_ok)
+        if paths is not None:
+            return paths
+        rows, paths = plan.sparse_idx.numel(), []
+        for layer in range(self.num_layers):
+            products, kmax = plan.sparse_ksum[layer], plan.sparse_kmax[layer]
+            if kmax == 0:
+                # Under TP's global top-k a rank may hold none of these rows' experts:
+                # the masked GEMMs still add the bias and join the all-reduce.
+                paths.append(("masked", None))
+            elif kernel_ok and not dispatch.kernel_can_win(device, rows, self.width, kmax, products):
+                paths.append(("masked", None))  # even the smallest union loses: no need to count it
+            else:
+                union = self.sparse_union(layer, plan)
+                paths.append((dispatch.choose_path(device, kernel_ok, rows, self.width, union, products), union))
+        plan.sparse_paths[kernel_ok] = paths
+        return paths
 
     def sparse_union(self, layer: int, plan: StepPlan) -> int:
         """Distinct neurons the step's sparse requests use at ``layer``, counted on the host
