@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,9 @@ def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
         tokens = sum(n for _, _, n in r["samples"])
         # 4 tokens each; decode counts those after every request has its first one.
         assert tokens == 3 if batch == 1 else 0 < tokens <= batch * 3
+        # Throughput: the batch over the median step in which every request got a token.
+        assert 0 < len(r["step_seconds"]) <= 3
+        assert r["decode_tok_s"] == pytest.approx(batch / statistics.median(r["step_seconds"]))
         # Dense is vLLM's own MLP (no GRIFFIN decode path); 0.5 decodes on experts.
         assert bool(r["decode_paths"]) == (density < 1.0)
     assert runs[(1, 0.5)]["union_fraction"] == pytest.approx(0.5, abs=1e-3)  # one request: its own k/D

@@ -7,8 +7,10 @@ runs dense in an engine with the same settings: its speed over the full model
 is the ceiling for density 0.5.
 
 The engine is stepped by hand: a batch counts as prefilled once every request
-has its first token; decode tokens/s is what the batch generates after that
-over the time it takes. Per batch size B and density d it reports that, the
+has its first token; decode tokens/s is B over the median time of the decode
+steps after that in which every request got a token, pooled over the repeats
+(robust to another process briefly taking the core; the whole-run figure is kept
+in the JSON as ``decode_tok_s_whole_runs``). Per batch size B and density d it reports that, the
 ratio to dense, the ratio to the ceiling, the prefill
 overhead of statistic capture (time to the batch's first tokens at d vs 1.0, from
 separate prefill-only runs), the mean union
@@ -109,9 +111,10 @@ class Runner:
         return SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
                               detokenize=False, extra_args={"griffin": {"density": density}})
 
-    def timed_steps(self, batch: int, density: float) -> tuple[float, float, int]:
+    def timed_steps(self, batch: int, density: float) -> tuple[float, float, int, list[float]]:
         """(seconds until every request has its first token, seconds after that,
-        tokens generated after that) for one batch, stepping the engine by hand."""
+        tokens generated after that, the seconds of each decode step in which every
+        request got a token) for one batch, stepping the engine by hand."""
         engine = self.llm.llm_engine
         params = self.params(density, self.args.gen_len)
         self.run_id += 1
@@ -124,10 +127,14 @@ class Runner:
                 lengths[out.request_id] = len(out.outputs[0].token_ids)
         prefilled = time.perf_counter()
         at_prefilled = sum(lengths.values())
+        full_steps = []
         while engine.has_unfinished_requests():
+            before, step_start = sum(lengths.values()), time.perf_counter()
             for out in engine.step():
                 lengths[out.request_id] = len(out.outputs[0].token_ids)
-        return prefilled - start, time.perf_counter() - prefilled, sum(lengths.values()) - at_prefilled
+            if sum(lengths.values()) - before == batch:
+                full_steps.append(time.perf_counter() - step_start)
+        return prefilled - start, time.perf_counter() - prefilled, sum(lengths.values()) - at_prefilled, full_steps
 
     def timed_prefill(self, batch: int, density: float) -> float:
         """Seconds to run the batch's prompts and sample one token each (capture and
@@ -166,10 +173,15 @@ class Runner:
         entries = []
         for density in densities:
             prefill = statistics.median(prefills[density])
-            decode_tok_s = statistics.median(n / d for _, d, n in samples[density])
+            # Throughput from the median decode step over every repeat: a step that another
+            # process on this machine slowed down moves a mean, not the median.
+            steps = [t for *_, full in samples[density] for t in full]
+            whole_runs = statistics.median(n / d for _, d, n, _ in samples[density])
+            decode_tok_s = batch / statistics.median(steps) if steps else whole_runs
             entry = {"model": self.name, "batch": batch, "density": density, "prefill_s": prefill,
-                     "decode_tok_s": decode_tok_s, "decode_paths": paths[density], "samples": samples[density],
-                     "prefill_samples": prefills[density]}
+                     "decode_tok_s": decode_tok_s, "decode_tok_s_whole_runs": whole_runs,
+                     "decode_paths": paths[density], "samples": [s[:3] for s in samples[density]],
+                     "step_seconds": steps, "prefill_samples": prefills[density]}
             if density < 1.0:  # untimed: the same prompts once more, writing their experts
                 self.llm.collective_rpc("griffin_export_to", args=(str(self.export_dir),))
                 outs = self.llm.generate(self.prompts(batch), self.params(density, 1), use_tqdm=False)
