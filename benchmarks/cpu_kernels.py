@@ -35,8 +35,39 @@ def bench(fn, repeats):
     return (time.perf_counter() - start) / repeats * 1e3
 
 
+def fit(paths: list[str]) -> dict:
+    """CPU_COST's constants from kernel results (any number of shapes), in units of the
+    dense GEMM's time per neuron at one row: rows = rows_stream * P (least squares through 0,
+    rows <= 2),
+    union = union_stream * U + union_compute * P (least squares), dense_compute from the
+    rows >= 32 cases (the GEMM's compute-bound slope)."""
+    import numpy as np
+
+    rows_fit, union_fit, dense_slopes = [], [], []
+    for path in paths:
+        results = json.load(open(path))
+        width = results[0]["width"]
+        unit = next(r["dense_ms"] for r in results if r["rows"] == 1) / width
+        for r in results:
+            T, k = r["rows"], int(width * r["density"])
+            union = r.get("union", width * (1 - (1 - r["density"]) ** T) if T > 1 else k)  # random sets
+            if T <= 2:  # where the per-row order is chosen (beyond, cache reuse flatters it)
+                rows_fit.append((T * k, r["rows_ms"] / unit))
+            union_fit.append((union, T * k, r["union_ms"] / unit))
+            if T >= 32:
+                dense_slopes.append(r["dense_ms"] / unit / (T * width))
+    p, t = np.array([a for a, _ in rows_fit]), np.array([b for _, b in rows_fit])
+    (stream, compute), *_ = np.linalg.lstsq(np.array([[u, q] for u, q, _ in union_fit]),
+                                            np.array([y for *_, y in union_fit]), rcond=None)
+    out = {"rows_stream": float(p @ t / (p @ p)), "union_stream": float(stream), "union_compute": float(compute),
+           "dense_compute": float(np.median(dense_slopes))}
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--fit", nargs="+", metavar="JSON", help="print CPU_COST's constants fitted to these results")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=5)
@@ -45,6 +76,9 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--layout", choices=["separate", "interleaved"], default="interleaved")
     args = parser.parse_args()
+    if args.fit:
+        fit(args.fit)
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     H, D = args.hidden, args.width
@@ -82,7 +116,8 @@ def main():
 
             union = bench(lambda: kernel("union"), args.repeats * L)
             per_row = bench(lambda: kernel("rows"), args.repeats * L)
-            row = {"rows": T, "density": density, "dense_ms": dense, "union_ms": union, "rows_ms": per_row,
+            row = {"rows": T, "density": density, "width": D, "hidden": H,
+                   "union": int(torch.zeros(D, dtype=torch.bool).index_fill_(0, experts.flatten(), True).sum()), "dense_ms": dense, "union_ms": union, "rows_ms": per_row,
                    "dense_GBps": 3 * D * H * 4 / dense / 1e6, "dense_GFLOPs": 2 * 3 * T * D * H / dense / 1e6,
                    "union_GFLOPs": 2 * 3 * T * k * H / union / 1e6, "speedup": dense / min(union, per_row)}
             rows_out.append(row)
