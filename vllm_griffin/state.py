@@ -497,13 +497,19 @@ class GriffinState:
 
     def sparse_masks(self, layer: int, plan: StepPlan) -> torch.Tensor:
         """[T, D] bool: which neurons each of the step's sparse tokens keeps at ``layer``."""
+        if self.device.type != "cpu":
+            # A GPU gathers per layer: all layers at once would be [L, T, D] of device
+            # memory at once (hundreds of MiB for an 8B model at a few hundred rows).
+            return self.masks[layer].index_select(0, plan.sparse_slot)
         if plan.sparse_masks_all is None:
             plan.sparse_masks_all = self.masks.index_select(1, plan.sparse_slot)
         return plan.sparse_masks_all[layer]
 
     def sparse_keep(self, layer: int, plan: StepPlan, dtype: torch.dtype) -> torch.Tensor:
-        """:meth:`sparse_masks` as 0/1 in ``dtype``: a same-dtype multiply is several
-        times cheaper than one by a bool mask, and is converted once per step."""
+        """:meth:`sparse_masks` as 0/1 in ``dtype`` (CPU: a same-dtype multiply is several
+        times cheaper than one by a bool mask, and is converted once per step)."""
+        if self.device.type != "cpu":
+            return self.sparse_masks(layer, plan)
         if plan.sparse_keep_all is None or plan.sparse_keep_all.dtype != dtype:
             masks = plan.sparse_masks_all
             if masks is None:
