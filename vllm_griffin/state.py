@@ -214,6 +214,9 @@ class GriffinState:
         # GPU: each selected slot's experts as packed bits [L, D/8] on the host, so the
         # dispatch counts a step's union without a device sync (see sparse_union).
         self.host_bits: dict[int, np.ndarray] = {}
+        # CPU decode: persistent flat buffers for a step's [L, T, D] masks (bool, and 0/1
+        # in the activations' dtype), so a step does not allocate and page-fault them anew.
+        self._step_buffers: dict[torch.dtype, torch.Tensor] = {}
         # CUDA graphs (Model Runner V2): the per-row buffers captured decode graphs
         # read (graph_decode.GraphDecode); None when the engine runs no graphs.
         self.graph = None
@@ -502,8 +505,17 @@ class GriffinState:
             # memory at once (hundreds of MiB for an 8B model at a few hundred rows).
             return self.masks[layer].index_select(0, plan.sparse_slot)
         if plan.sparse_masks_all is None:
-            plan.sparse_masks_all = self.masks.index_select(1, plan.sparse_slot)
+            out = self._step_buffer(torch.bool, plan.sparse_slot.numel())
+            plan.sparse_masks_all = torch.index_select(self.masks, 1, plan.sparse_slot, out=out)
         return plan.sparse_masks_all[layer]
+
+    def _step_buffer(self, dtype: torch.dtype, rows: int) -> torch.Tensor:
+        """A contiguous [L, rows, D] view of a buffer kept across steps (grown when needed)."""
+        size = self.num_layers * rows * self.width
+        buf = self._step_buffers.get(dtype)
+        if buf is None or buf.numel() < size:
+            buf = self._step_buffers[dtype] = torch.empty(2 * size, dtype=dtype, device=self.device)
+        return buf[:size].view(self.num_layers, rows, self.width)
 
     def sparse_keep(self, layer: int, plan: StepPlan, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`sparse_masks` as 0/1 in ``dtype`` (CPU: a same-dtype multiply is several
@@ -511,10 +523,9 @@ class GriffinState:
         if self.device.type != "cpu":
             return self.sparse_masks(layer, plan)
         if plan.sparse_keep_all is None or plan.sparse_keep_all.dtype != dtype:
-            masks = plan.sparse_masks_all
-            if masks is None:
-                masks = self.masks.index_select(1, plan.sparse_slot)
-            plan.sparse_keep_all = masks.to(dtype)
+            self.sparse_masks(0, plan)
+            keep = self._step_buffer(dtype, plan.sparse_slot.numel())
+            plan.sparse_keep_all = keep.copy_(plan.sparse_masks_all)
         return plan.sparse_keep_all[layer]
 
     def decode_paths(self, plan: StepPlan, kernel_ok: bool, device: torch.device) -> list[tuple[str, int | None]]:
