@@ -91,6 +91,19 @@ class Engines:
             self._lock = None
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def capture_path(request, monkeypatch):
+    """The prompt statistic's capture through the C kernel, or through the plain-torch
+    path GPUs take (parametrizes the state tests that use it)."""
+    if request.param == "torch":
+        monkeypatch.setattr("vllm_griffin.state.capture_ops.uses_kernel", lambda z: False)
+    else:
+        from vllm_griffin.ops import capture
+
+        assert capture.uses_kernel(torch.zeros(1, 1))
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def engines():
     manager = Engines()

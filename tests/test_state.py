@@ -12,17 +12,8 @@ from vllm_griffin.state import GriffinState, StepRow
 
 LAYERS, WIDTH = 2, 16
 
-
-@pytest.fixture(autouse=True, params=["kernel", "torch"])
-def capture_path(request, monkeypatch):
-    """Every test runs with the C capture kernel and with the plain-torch capture (GPUs)."""
-    if request.param == "torch":
-        monkeypatch.setattr("vllm_griffin.state.capture_ops.uses_kernel", lambda z: False)
-    else:
-        from vllm_griffin.ops import capture
-
-        assert capture.uses_kernel(torch.zeros(1, 1))
-    return request.param
+# Every test runs with the C capture kernel and with the plain-torch capture (conftest).
+pytestmark = pytest.mark.usefixtures("capture_path")
 
 
 def make_state(max_seqs=4, **cfg):
