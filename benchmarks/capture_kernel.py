@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+from cpu_kernels import bench  # this folder (run as a script)
 from vllm_griffin.ops.cpu_kernel import capture_cpu, load
 from vllm_griffin.ops.reference import capture_reference
-
-
-def bench(fn, repeats):
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def main():
