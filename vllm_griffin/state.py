@@ -95,15 +95,12 @@ class StepPlan:
 
     num_tokens: int
     dense_idx: torch.Tensor | None = None      # tokens through the full MLP (None: all of them)
-    capture_pos: torch.Tensor | None = None    # positions within dense_idx to capture
-    capture_acc: torch.Tensor | None = None    # accumulator slot per token that counts for its request
-    capture_acc_sel: torch.Tensor | None = None  # which captured tokens those are (None: all)
-    block_rows: torch.Tensor | None = None     # prefix caching: per-block statistic row per token...
-    block_sel: torch.Tensor | None = None      # ...of these captured tokens (None: all)
-    # The same, one entry per captured token, -1 where it does not count (the CPU
-    # capture kernel's form: one pass over the activations, no gathered copies).
+    # Captured tokens, one entry each (ops/capture.py's form): their positions within
+    # dense_idx, their request's accumulator slot and their KV block's statistic row,
+    # -1 where a token does not count for that target.
+    capture_pos: torch.Tensor | None = None
     capture_slots: torch.Tensor | None = None
-    capture_blocks: torch.Tensor | None = None
+    capture_blocks: torch.Tensor | None = None   # None: no block rows this step
     sparse_idx: torch.Tensor | None = None     # tokens through their experts
     sparse_slot: torch.Tensor | None = None    # expert-table slot per sparse token
     sparse_req_slots: torch.Tensor | None = None  # the distinct slots among them (one per request)
@@ -373,28 +370,13 @@ class GriffinState:
         rows). ``z`` holds the activations of the step's dense tokens; ``plan.capture_pos``
         picks the captured ones."""
         start = time.perf_counter()
-        if plan.capture_slots is not None and capture_ops.uses_kernel(z):
-            # One pass over z, no gathered or squared copies (ops/capture.py).
-            sq_norms = None
-            if self.tp is not None:
-                # This rank holds a slice of each z_t; the norm runs over every rank's neurons.
-                sq_norms = self.tp.all_reduce(capture_ops.capture_sq_norms(z, plan.capture_pos))
-            blocks = self.block_stats[layer] if plan.capture_blocks is not None else None
-            capture_ops.capture_statistic(z, plan.capture_pos, self.acc[layer], plan.capture_slots,
-                                          blocks, plan.capture_blocks, sq_norms)
-            self.capture_seconds += time.perf_counter() - start
-            return
-        z = z.index_select(0, plan.capture_pos)
         sq_norms = None
         if self.tp is not None:
-            sq_norms = self.tp.all_reduce(z.float().square().sum(dim=-1, keepdim=True))
-        contrib = algorithm.prompt_contributions(z, sq_norms)
-        if plan.capture_acc is not None:
-            own = contrib if plan.capture_acc_sel is None else contrib.index_select(0, plan.capture_acc_sel)
-            self.acc[layer].index_add_(0, plan.capture_acc, own)
-        if plan.block_rows is not None:
-            per_block = contrib if plan.block_sel is None else contrib.index_select(0, plan.block_sel)
-            self.block_stats[layer].index_add_(0, plan.block_rows, per_block)
+            # This rank holds a slice of each z_t; the norm runs over every rank's neurons.
+            sq_norms = self.tp.all_reduce(capture_ops.capture_sq_norms(z, plan.capture_pos))
+        blocks = self.block_stats[layer] if plan.capture_blocks is not None else None
+        capture_ops.capture_statistic(z, plan.capture_pos, self.acc[layer], plan.capture_slots,
+                                      blocks, plan.capture_blocks, sq_norms)
         self.capture_seconds += time.perf_counter() - start
 
     def select(self, plan: StepPlan) -> dict[str, list[torch.Tensor]]:
@@ -638,15 +620,13 @@ class GriffinState:
 
 
 class _Captures:
-    """The step's captured tokens as index lists: which of them count for their
-    request's statistic, and which fill a KV block's statistic row."""
+    """The step's captured tokens, one entry each: where they sit among the dense
+    tokens, and which accumulator slot and KV block statistic row they add to (-1: none)."""
 
     def __init__(self):
         self.pos: list[int] = []        # positions within the dense tokens
-        self.acc: list[int] = []        # accumulator slot, for the tokens in acc_sel
-        self.acc_sel: list[int] = []
-        self.rows: list[int] = []       # block-statistic row, for the tokens in block_sel
-        self.block_sel: list[int] = []
+        self.slots: list[int] = []      # accumulator slot, or -1
+        self.blocks: list[int] = []     # block-statistic row, or -1
         self.zero_rows: list[int] = []  # blocks filled from their first token: start from zero
 
     def add(self, state_tbl: "GriffinState", row: StepRow, state: RequestState, first_dense: int,
@@ -665,39 +645,20 @@ class _Captures:
         hi = max(prompt_end if acc_from < prompt_end else lo, blk_end)
         if lo >= hi:
             return
-        base = len(self.pos)
+        size = state_tbl.block_size
         self.pos.extend(range(first_dense + lo - start, first_dense + hi - start))
-        if acc_from < prompt_end:
-            self.acc_sel.extend(range(base + acc_from - lo, base + prompt_end - lo))
-            self.acc.extend([acc] * (prompt_end - acc_from))
+        self.slots.extend(acc if acc is not None and p >= acc_from else -1 for p in range(lo, hi))
+        self.blocks.extend(row.block_ids[p // size] if p < blk_end else -1 for p in range(lo, hi))
         if blk_end > start:
-            size = state_tbl.block_size
-            self.block_sel.extend(range(base + start - lo, base + blk_end - lo))
-            self.rows.extend(row.block_ids[p // size] for p in range(start, blk_end))
             first_block = -(-start // size)
             self.zero_rows.extend(row.block_ids[b] for b in range(first_block, -(-blk_end // size)))
 
     def fill(self, plan: StepPlan, state_tbl: "GriffinState", to) -> None:
         if not self.pos:
             return
-        plan.capture_pos = to(self.pos)
-        everything = list(range(len(self.pos)))
-        if self.acc:
-            plan.capture_acc = to(self.acc)
-            plan.capture_acc_sel = None if self.acc_sel == everything else to(self.acc_sel)
-        if self.rows:
-            plan.block_rows = to(self.rows)
-            plan.block_sel = None if self.block_sel == everything else to(self.block_sel)
-        if state_tbl.device.type == "cpu":
-            slots = [-1] * len(self.pos)
-            for sel, slot in zip(self.acc_sel, self.acc):
-                slots[sel] = slot
-            plan.capture_slots = to(slots)
-            if self.rows:
-                blocks = [-1] * len(self.pos)
-                for sel, row in zip(self.block_sel, self.rows):
-                    blocks[sel] = row
-                plan.capture_blocks = to(blocks)
+        plan.capture_pos, plan.capture_slots = to(self.pos), to(self.slots)
+        if any(b >= 0 for b in self.blocks):
+            plan.capture_blocks = to(self.blocks)
         if self.zero_rows:
             # A block filled from its first token holds new content (vLLM reuses blocks).
             state_tbl.block_stats[:, to(self.zero_rows)] = 0

@@ -147,6 +147,8 @@ def capture_reference(z, pos, sq_norms, acc, acc_idx, blk=None, blk_idx=None) ->
         sq_norms = sq_norms.reshape(-1, 1)
     contrib = prompt_contributions(rows, sq_norms)
     for target, idx in ((acc, acc_idx), (blk, blk_idx)):
-        if target is not None:
-            keep = idx.reshape(-1) >= 0
-            target.index_add_(0, idx.reshape(-1)[keep], contrib[keep])
+        if target is not None and target.shape[0]:
+            # Skipped tokens add an exact 0 to row 0: no boolean indexing, so no device sync.
+            idx = idx.reshape(-1)
+            skip = (idx < 0).unsqueeze(-1)
+            target.index_add_(0, idx.clamp(min=0), contrib.masked_fill(skip, 0.0))
