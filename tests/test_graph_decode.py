@@ -205,3 +205,7 @@ def test_union_from_masks_equals_union_of_expert_lists():
             experts, counts = state.sparse_experts(layer, plan)
             for row in range(masks.shape[0]):
                 assert masks[row].nonzero().flatten().tolist() == experts[row, : counts[row]].tolist()
+            # The masked GEMM path zeroes exactly the other neurons of each row.
+            for dtype in (torch.float32, torch.bfloat16):
+                z = torch.randn(masks.shape, dtype=dtype).add_(5.0)  # no zeros of its own
+                assert torch.equal(state.keep_experts_(layer, plan, z.clone()) != 0, masks)

@@ -111,3 +111,51 @@ def test_triton_kernels_match_reference_in_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     worst = float(proc.stdout.split("WORST")[-1])
     assert worst < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, width, slots", [(1, 13, 3), (5, 1536, 4), (16, 1000, 7), (64, 8192, 64)])
+def test_keep_rows_kernel_matches_reference(dtype, rows, width, slots):
+    """The masked path's zeroing: row t keeps masks[slot[t]]'s neurons, the rest become 0."""
+    from vllm_griffin.ops.cpu_kernel import keep_rows_cpu
+    from vllm_griffin.ops.reference import keep_rows_reference
+
+    gen = torch.Generator().manual_seed(rows * width)
+    masks = torch.rand(slots, width, generator=gen) < 0.4
+    slot = torch.randint(0, slots, (rows,), generator=gen)  # repeats allowed (several tokens of one request)
+    # z as a strided view (rows of a wider buffer), like an activation's output slice.
+    wide = torch.randn(rows, width + 5, generator=gen).to(dtype)
+    z = wide[:, 2:2 + width]
+    want = keep_rows_reference(z.clone(), masks, slot)
+    got = keep_rows_cpu(z, masks, slot)
+    assert got.data_ptr() == z.data_ptr() and torch.equal(got, want)
+    assert ((got != 0) == (masks[slot] & (want != 0))).all() and (got[~masks[slot]] == 0).all()
+
+
+def test_keep_rows_kernel_leaves_other_columns_and_rejects_bad_input():
+    from vllm_griffin.ops import keep_experts_
+    from vllm_griffin.ops.cpu_kernel import keep_rows_cpu
+
+    masks = torch.tensor([[True, False, True], [False, True, False]])
+    wide = torch.arange(1.0, 11.0).reshape(2, 5)
+    keep_rows_cpu(wide[:, 1:4], masks, torch.tensor([1, 0]))
+    assert wide.tolist() == [[1.0, 0.0, 3.0, 0.0, 5.0], [6.0, 7.0, 0.0, 9.0, 10.0]]
+    with pytest.raises(ValueError, match=r"slots\[1\] = 2; allowed: 0..1"):
+        keep_rows_cpu(torch.ones(2, 3), masks, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="slots has 1 entries; expected 2"):
+        keep_rows_cpu(torch.ones(2, 3), masks, torch.tensor([0]))
+    with pytest.raises(ValueError, match="masks must be bool"):
+        keep_rows_cpu(torch.ones(2, 3), masks.float(), torch.tensor([0, 1]))
+    # float16 (no kernel) takes the torch reference through the same entry point.
+    z = torch.ones(2, 3, dtype=torch.float16)
+    assert keep_experts_(z, masks, torch.tensor([0, 0])).tolist() == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+
+
+def test_keep_rows_unchecked_call_gives_the_same_bits():
+    from vllm_griffin.ops.cpu_kernel import keep_rows_cpu
+
+    gen = torch.Generator().manual_seed(5)
+    masks, slots = torch.rand(6, 300, generator=gen) < 0.5, torch.tensor([5, 0, 5])
+    for dtype in (torch.float32, torch.bfloat16):
+        z = torch.randn(3, 300, generator=gen).to(dtype)
+        assert torch.equal(keep_rows_cpu(z.clone(), masks, slots, check=False), keep_rows_cpu(z, masks, slots))

@@ -12,8 +12,8 @@ steps after that in which every request got a token, pooled over the repeats
 (robust to another process briefly taking the core; the whole-run figure is kept
 in the JSON as ``decode_tok_s_whole_runs``). Per batch size B and density d it reports that, the
 ratio to dense, the ratio to the ceiling, the prefill
-overhead of statistic capture (time to the batch's first tokens at d vs 1.0, from
-separate prefill-only runs), the mean union
+overhead of statistic capture (time to the batch's first tokens at d vs 1.0: the
+decode runs' prefills plus prefill-only runs until each density has enough), the mean union
 fraction of the batch's experts (from their exported expert sets), and which
 decode paths ran. Densities alternate within each repeat; medians are reported.
 """
@@ -35,6 +35,7 @@ MODELS = {
     "llama-1b-half": ("llama-1b", 4096),
 }
 TWINS = {"llama-1b": "llama-1b-half"}
+MAX_PREFILL_ROUNDS = 32
 
 
 def random_llama_dir(intermediate: int) -> Path:
@@ -149,6 +150,13 @@ class Runner:
             engine.step()
         return time.perf_counter() - start
 
+    def warm_up(self, batch: int, densities: list[float]) -> None:
+        """One untimed prefill and decode per density: first calls (allocations, the
+        kernels' first use, each top-k size) are not measured."""
+        for density in densities:
+            self.timed_prefill(batch, density)
+            self.timed_steps(batch, density)
+
     def stats(self) -> dict:
         return self.llm.collective_rpc("griffin_stats")[0]
 
@@ -157,19 +165,24 @@ class Runner:
         samples: dict[float, list[tuple[float, float, int]]] = {d: [] for d in densities}
         prefills: dict[float, list[float]] = {d: [] for d in densities}
         paths: dict[float, dict[str, int]] = {d: {} for d in densities}
-        # Prefill is short and noisy: its own, more numerous samples. Every other round
-        # runs the densities in reverse, so no density always runs first.
-        for rep in range(self.args.prefill_repeats):
-            for density in densities[:: -1 if rep % 2 else 1]:
-                prefills[density].append(self.timed_prefill(batch, density))
         for rep in range(self.args.repeats):
+            # Every other round runs the densities in reverse, so no density always runs first.
             for density in densities[:: -1 if rep % 2 else 1]:
                 before = self.stats()["decode_paths"]
                 samples[density].append(self.timed_steps(batch, density))
+                prefills[density].append(samples[density][-1][0])  # a decode run starts with a prefill
                 after = self.stats()["decode_paths"]
                 for k in after:
                     if after[k] != before.get(k, 0):
                         paths[density][k] = paths[density].get(k, 0) + after[k] - before.get(k, 0)
+        # Prefill is short and noisy: more samples from prefill-only rounds, until each
+        # density has --prefill-repeats and has run --prefill-seconds in all.
+        rep = 0
+        while min(map(len, prefills.values())) < self.args.prefill_repeats or (
+                rep < MAX_PREFILL_ROUNDS and min(map(sum, prefills.values())) < self.args.prefill_seconds):
+            for density in densities[:: -1 if rep % 2 else 1]:
+                prefills[density].append(self.timed_prefill(batch, density))
+            rep += 1
         entries = []
         for density in densities:
             prefill = statistics.median(prefills[density])
@@ -208,7 +221,7 @@ def run(args) -> dict:
     for name in models:
         with tempfile.TemporaryDirectory() as export_dir:
             runner = Runner(name, args, Path(export_dir))
-            runner.measure(min(args.batch_sizes), [1.0])  # warm-up
+            runner.warm_up(min(args.batch_sizes), [1.0] if name in TWINS.values() else [1.0, *args.densities])
             for model, batch, densities in plan:
                 if model != name:
                     continue
@@ -294,7 +307,11 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats per batch size; medians reported")
     p.add_argument("--prefill-repeats", type=int, default=4,
-                   help="alternating prefill-only runs per batch size (prefill overhead); medians reported")
+                   help="prefill samples per batch size and density (prefill overhead; the decode runs' "
+                        "prefills count, prefill-only runs add the rest); medians reported")
+    p.add_argument("--prefill-seconds", type=float, default=2.0,
+                   help=f"more prefill-only rounds (up to {MAX_PREFILL_ROUNDS}) until each density's prefill "
+                        "samples add up to this: short prefills are noisy")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: eager)")
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     p.set_defaults(func=main)

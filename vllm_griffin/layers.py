@@ -177,7 +177,7 @@ class GriffinMLP(nn.Module):
             # vLLM's own GEMMs (and its tensor-parallel reduction), experts kept per row.
             gate_up, _ = self._gate_up_fn(xs)
             z = self._act_fn(gate_up)
-            out, _ = self._down_fn(z.mul_(self.state.sparse_keep(layer, plan, z.dtype)))
+            out, _ = self._down_fn(self.state.keep_experts_(layer, plan, z))
             return out
         experts, counts = self.state.sparse_experts(layer, plan)
         if path in ("rows", "union"):

@@ -304,3 +304,21 @@ int64_t griffin_first_bad_index(const int64_t* idx, int64_t M, int64_t high, int
 
 DEFINE_CAPTURE(f32, float, load_f32, f32_id)
 DEFINE_CAPTURE(bf16, uint16_t, load_bf16, bf16_to_f32)
+
+// Masked decode path: zero each row's non-experts in place, z[t, j] = 0 where
+// masks[slots[t], j] == 0. One pass over z (just written by the activation, so in
+// cache) reading the request's one-byte mask row where it lies: no per-step gather
+// of masks and no conversion to the activations' dtype. Zeroing (not multiplying)
+// leaves non-experts at exactly 0, as the expert kernels never compute them.
+#define DEFINE_KEEP(SUFFIX, T)                                                              \
+void griffin_keep_rows_##SUFFIX(T* z, int64_t z_stride, const uint8_t* masks,             \
+                                int64_t mask_stride, const int64_t* slots, int64_t rows,  \
+                                int64_t width) {                                          \
+    for (int64_t t = 0; t < rows; t++) {                                                  \
+        T* zr = z + t * z_stride;                                                         \
+        const uint8_t* m = masks + slots[t] * mask_stride;                               \
+        for (int64_t j = 0; j < width; j++) zr[j] = m[j] ? zr[j] : (T)0;                  \
+    }                                                                                     \
+}
+DEFINE_KEEP(f32, float)
+DEFINE_KEEP(bf16, uint16_t)

@@ -83,6 +83,9 @@ def load() -> ctypes.CDLL | None:
         fn.argtypes, fn.restype = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr], None
         fn = getattr(lib, f"griffin_sq_norms_{suffix}")
         fn.argtypes, fn.restype = [ptr, i64, i64, ptr, i64, ptr], None
+    for suffix in _WEIGHT_SUFFIX.values():
+        fn = getattr(lib, f"griffin_keep_rows_{suffix}")
+        fn.argtypes, fn.restype = [ptr, i64, ptr, i64, ptr, i64, i64], None
     lib.griffin_first_bad_index.argtypes = [ptr, i64, i64, ctypes.c_int]
     lib.griffin_first_bad_index.restype = i64
     _lib = lib
@@ -193,3 +196,29 @@ def sq_norms_cpu(z, pos=None) -> torch.Tensor:
     fn = getattr(lib, f"griffin_sq_norms_{_WEIGHT_SUFFIX[z.dtype]}")
     fn(z.data_ptr(), z.stride(0), z.shape[1], None if pos is None else pos.data_ptr(), tokens, out.data_ptr())
     return out
+
+
+# --- masked decode path (contract: keep_rows_reference in vllm_griffin/ops/reference.py) ---
+
+def keep_rows_cpu(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """In place: z[t, j] = 0 where not masks[slots[t], j]; returns z.
+
+    z [T, D] float32/bfloat16 with unit column stride; masks [S, D] bool (one layer's
+    rows of the expert masks, unit column stride); slots [T] int64. ``check=False``
+    skips checking the inputs (the decode step's own slots, called once per layer:
+    the checks cost more than the kernel)."""
+    lib = _capture_lib()
+    if not check:
+        getattr(lib, f"griffin_keep_rows_{_WEIGHT_SUFFIX[z.dtype]}")(
+            z.data_ptr(), z.stride(0), masks.data_ptr(), masks.stride(0), slots.data_ptr(), z.shape[0], z.shape[1])
+        return z
+    if z.dim() != 2 or z.device.type != "cpu" or z.dtype not in _WEIGHT_SUFFIX or z.stride(1) != 1:
+        raise ValueError(f"z must be a CPU float32/bfloat16 [rows, neurons] tensor with unit column stride, "
+                         f"got {z.dtype} {tuple(z.shape)} strides {z.stride()} on {z.device}")
+    if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != z.shape[1] or masks.stride(1) != 1:
+        raise ValueError(f"masks must be bool [slots, {z.shape[1]}] with unit column stride, "
+                         f"got {masks.dtype} {tuple(masks.shape)}")
+    slots = _index(lib, "slots", slots, z.shape[0], masks.shape[0], allow_skip=False)
+    fn = getattr(lib, f"griffin_keep_rows_{_WEIGHT_SUFFIX[z.dtype]}")
+    fn(z.data_ptr(), z.stride(0), masks.data_ptr(), masks.stride(0), slots.data_ptr(), z.shape[0], z.shape[1])
+    return z

@@ -9,7 +9,7 @@ Paths (every one gives each row exactly its own experts' result):
 * ``triton`` -- GPU kernels, per-row gather-GEMV (vllm_griffin/ops/triton_experts.py);
 * ``triton_union`` -- GPU kernels, each union neuron's weights read once for all rows
   (``experts_mlp_triton_union``); only chosen when the cost model has union constants;
-* ``masked`` -- vLLM's own dense GEMMs with non-experts zeroed per row;
+* ``masked`` -- vLLM's own dense GEMMs with non-experts zeroed per row (``keep_experts_``);
 * ``gather`` -- plain-torch reference (no kernel for this device/dtype/activation).
 
 The cost model compares the expert kernels with the dense GEMM they replace:
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_griffin.ops import cpu_kernel
-from vllm_griffin.ops.reference import valid_entries
+from vllm_griffin.ops.reference import keep_rows_reference, valid_entries
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,15 @@ def kernel_supports(weights, activation: str | None) -> bool:
     if weights.gate.device.type == "cpu":
         return cpu_kernel.supports(weights, activation)
     return weights.gate.device.type == "cuda" and activation in ("silu", "gelu_tanh", "gelu", "relu")
+
+
+def keep_experts_(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor, trusted_slots: bool = False
+                  ) -> torch.Tensor:
+    """The masked path's step between vLLM's GEMMs: in place, row t of z keeps only
+    the neurons ``masks[slots[t]]`` marks (one layer's [S, D] bool rows); others become 0.
+    The C kernel on a CPU (one pass, no gathered or converted masks), torch elsewhere.
+    ``trusted_slots``: int64 CPU indices known to be < S (not checked again)."""
+    if (z.device.type == "cpu" and z.dtype in (torch.float32, torch.bfloat16) and z.dim() == 2
+            and z.stride(1) == 1 and masks.stride(1) == 1 and cpu_kernel.load() is not None):
+        return cpu_kernel.keep_rows_cpu(z, masks, slots, check=not trusted_slots)
+    return keep_rows_reference(z, masks, slots)

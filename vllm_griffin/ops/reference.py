@@ -152,3 +152,9 @@ def capture_reference(z, pos, sq_norms, acc, acc_idx, blk=None, blk_idx=None) ->
             idx = idx.reshape(-1)
             skip = (idx < 0).unsqueeze(-1)
             target.index_add_(0, idx.clamp(min=0), contrib.masked_fill(skip, 0.0))
+
+
+def keep_rows_reference(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """In place: row t of z keeps only the neurons ``masks[slots[t]]`` marks (others
+    become exactly 0); returns z. The C kernel's oracle."""
+    return z.masked_fill_(~masks.index_select(0, slots), 0)
