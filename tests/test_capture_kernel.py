@@ -208,3 +208,15 @@ def test_bad_input_is_refused_before_the_kernel_writes(bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         capture_cpu(**args)
     assert not args["acc"].any() and not args["blk"].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unchecked_call_gives_the_same_bits(dtype):
+    """A step plan's indices skip the wrapper's checks (state.capture, every layer): same result."""
+    z, pos, acc_buf, acc_idx, blk_buf, blk_idx = scenario(9, 300, 20, dtype, seed=3)
+    norms = capture_sq_norms(z, pos) * 1.5
+    for sq in (None, norms):
+        checked = run(capture_cpu, z, pos, sq, acc_buf, acc_idx, blk_buf, blk_idx)
+        unchecked = run(lambda *a: capture_cpu(*a, check=False), z, pos, sq, acc_buf, acc_idx, blk_buf, blk_idx)
+        assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[1], unchecked[1])
+        assert not torch.equal(checked[0], acc_buf)  # it did add something

@@ -152,10 +152,16 @@ def test_keep_rows_kernel_leaves_other_columns_and_rejects_bad_input():
 
 
 def test_keep_rows_unchecked_call_gives_the_same_bits():
+    from vllm_griffin.ops import dispatch
     from vllm_griffin.ops.cpu_kernel import keep_rows_cpu
 
     gen = torch.Generator().manual_seed(5)
     masks, slots = torch.rand(6, 300, generator=gen) < 0.5, torch.tensor([5, 0, 5])
     for dtype in (torch.float32, torch.bfloat16):
         z = torch.randn(3, 300, generator=gen).to(dtype)
-        assert torch.equal(keep_rows_cpu(z.clone(), masks, slots, check=False), keep_rows_cpu(z, masks, slots))
+        fast = dispatch.keep_experts_fn(torch.device("cpu"), dtype)
+        assert fast is not dispatch.keep_rows_reference
+        assert torch.equal(fast(z.clone(), masks, slots), keep_rows_cpu(z, masks, slots))
+        with pytest.raises(ValueError, match="unit column stride"):
+            fast(torch.zeros(300, 3, dtype=dtype).t(), masks, slots)
+    assert dispatch.keep_experts_fn(torch.device("cpu"), torch.float16) is dispatch.keep_rows_reference

@@ -214,6 +214,7 @@ class GriffinState:
         # CPU decode: persistent flat buffers for a step's [L, T, D] masks (bool, and 0/1
         # in the activations' dtype), so a step does not allocate and page-fault them anew.
         self._step_buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._keep_fns: dict[torch.dtype, Callable] = {}  # the masked path's zeroing, per activation dtype
         # CUDA graphs (Model Runner V2): the per-row buffers captured decode graphs
         # read (graph_decode.GraphDecode); None when the engine runs no graphs.
         self.graph = None
@@ -377,8 +378,10 @@ class GriffinState:
             # This rank holds a slice of each z_t; the norm runs over every rank's neurons.
             sq_norms = self.tp.all_reduce(capture_ops.capture_sq_norms(z, plan.capture_pos))
         blocks = self.block_stats[layer] if plan.capture_blocks is not None else None
+        # The plan's indices are built in range (positions among the dense tokens, pool
+        # slots, KV block ids): not checked again in every layer.
         capture_ops.capture_statistic(z, plan.capture_pos, self.acc[layer], plan.capture_slots,
-                                      blocks, plan.capture_blocks, sq_norms)
+                                      blocks, plan.capture_blocks, sq_norms, trusted_indices=True)
         self.capture_seconds += time.perf_counter() - start
 
     def select(self, plan: StepPlan) -> dict[str, list[torch.Tensor]]:
@@ -505,8 +508,11 @@ class GriffinState:
     def keep_experts_(self, layer: int, plan: StepPlan, z: torch.Tensor) -> torch.Tensor:
         """In place: each of the step's sparse rows of ``z`` [T, D] keeps only its
         request's experts at ``layer``; the others become exactly 0 (the masked path)."""
+        keep = self._keep_fns.get(z.dtype)
+        if keep is None:
+            keep = self._keep_fns[z.dtype] = dispatch.keep_experts_fn(self.device, z.dtype)
         # The plan's slots come from the slot pool: always rows of the masks.
-        return dispatch.keep_experts_(z, self.masks[layer], plan.sparse_slot, trusted_slots=True)
+        return keep(z, self.masks[layer], plan.sparse_slot)
 
     def decode_paths(self, plan: StepPlan, kernel_ok: bool, device: torch.device) -> list[tuple[str, int | None]]:
         """Per layer, (the path ops.dispatch picks for the step's sparse rows, their union
@@ -515,13 +521,17 @@ class GriffinState:
         if paths is not None:
             return paths
         rows, paths = plan.sparse_idx.numel(), []
+        can_win: dict[tuple[int, int], bool] = {}  # layers mostly share (kmax, products): ask once
         for layer in range(self.num_layers):
             products, kmax = plan.sparse_ksum[layer], plan.sparse_kmax[layer]
             if kmax == 0:
                 # Under TP's global top-k a rank may hold none of these rows' experts:
                 # the masked GEMMs still add the bias and join the all-reduce.
                 paths.append(("masked", None))
-            elif kernel_ok and not dispatch.kernel_can_win(device, rows, self.width, kmax, products):
+                continue
+            if kernel_ok and (kmax, products) not in can_win:
+                can_win[kmax, products] = dispatch.kernel_can_win(device, rows, self.width, kmax, products)
+            if kernel_ok and not can_win[kmax, products]:
                 paths.append(("masked", None))  # even the smallest union loses: no need to count it
             else:
                 union = self.sparse_union(layer, plan)

@@ -26,14 +26,17 @@ def uses_kernel(z: torch.Tensor) -> bool:
 
 def capture_statistic(z: torch.Tensor, pos: torch.Tensor | None, acc: torch.Tensor | None,
                       acc_idx: torch.Tensor | None, blk: torch.Tensor | None = None,
-                      blk_idx: torch.Tensor | None = None, sq_norms: torch.Tensor | None = None) -> None:
+                      blk_idx: torch.Tensor | None = None, sq_norms: torch.Tensor | None = None,
+                      trusted_indices: bool = False) -> None:
     """In place: for each token m (row ``pos[m]`` of z [N, D]; every row when ``pos``
     is None), ``acc[acc_idx[m]] += z**2 / ||z||**2`` and ``blk[blk_idx[m]] += ...``;
     an index of -1 skips that target. ``sq_norms`` ([M] or [M, 1], from
     :func:`capture_sq_norms` all-reduced across tensor-parallel ranks) replaces the
-    rank-local norms. An all-zero row adds 0."""
+    rank-local norms. An all-zero row adds 0. ``trusted_indices``: int64 contiguous
+    indices, one per token, in range, and float32 contiguous targets (a step plan's):
+    the C kernel does not check them again."""
     if uses_kernel(z):
-        cpu_kernel.capture_cpu(z, pos, sq_norms, acc, acc_idx, blk, blk_idx)
+        cpu_kernel.capture_cpu(z, pos, sq_norms, acc, acc_idx, blk, blk_idx, check=not trusted_indices)
     else:
         capture_reference(z, pos, sq_norms, acc, acc_idx, blk, blk_idx)
 

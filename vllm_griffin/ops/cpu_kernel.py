@@ -155,15 +155,26 @@ def _target(name: str, t: torch.Tensor, width: int) -> None:
                          f"{tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})")
 
 
-def capture_cpu(z, pos, sq_norms, acc, acc_idx, blk=None, blk_idx=None) -> None:
+def capture_cpu(z, pos, sq_norms, acc, acc_idx, blk=None, blk_idx=None, check: bool = True) -> None:
     """acc[acc_idx[m]] += z[pos[m]]**2 / ||z[pos[m]]||**2 (and blk likewise), in place.
 
     ``pos`` None means every row of z; ``sq_norms`` ([M] or [M, 1]) replaces the
     row norms (a tensor-parallel rank's slice); an index of -1 skips that token.
+    ``check=False``: the indices are int64, contiguous, one per token and in range
+    (a step plan's, built that way; checked once would otherwise be checked per layer).
     """
     lib = _capture_lib()
     z = _rows(z)
     rows, width = z.shape
+    if not check:
+        tokens = rows if pos is None else pos.numel()
+        if sq_norms is not None:
+            sq_norms = sq_norms.reshape(-1).to(device="cpu", dtype=torch.float32).contiguous()
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        getattr(lib, f"griffin_capture_{_WEIGHT_SUFFIX[z.dtype]}")(
+            z.data_ptr(), z.stride(0), width, ptr(pos), tokens, ptr(sq_norms), ptr(acc), ptr(acc_idx),
+            ptr(blk), ptr(blk_idx))
+        return
     if pos is not None:
         pos = _index(lib, "pos", pos, pos.numel(), rows, allow_skip=False)
     tokens = rows if pos is None else pos.numel()
@@ -200,18 +211,12 @@ def sq_norms_cpu(z, pos=None) -> torch.Tensor:
 
 # --- masked decode path (contract: keep_rows_reference in vllm_griffin/ops/reference.py) ---
 
-def keep_rows_cpu(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor, check: bool = True) -> torch.Tensor:
+def keep_rows_cpu(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """In place: z[t, j] = 0 where not masks[slots[t], j]; returns z.
 
     z [T, D] float32/bfloat16 with unit column stride; masks [S, D] bool (one layer's
-    rows of the expert masks, unit column stride); slots [T] int64. ``check=False``
-    skips checking the inputs (the decode step's own slots, called once per layer:
-    the checks cost more than the kernel)."""
+    rows of the expert masks, unit column stride); slots [T] int64."""
     lib = _capture_lib()
-    if not check:
-        getattr(lib, f"griffin_keep_rows_{_WEIGHT_SUFFIX[z.dtype]}")(
-            z.data_ptr(), z.stride(0), masks.data_ptr(), masks.stride(0), slots.data_ptr(), z.shape[0], z.shape[1])
-        return z
     if z.dim() != 2 or z.device.type != "cpu" or z.dtype not in _WEIGHT_SUFFIX or z.stride(1) != 1:
         raise ValueError(f"z must be a CPU float32/bfloat16 [rows, neurons] tensor with unit column stride, "
                          f"got {z.dtype} {tuple(z.shape)} strides {z.stride()} on {z.device}")
@@ -219,6 +224,19 @@ def keep_rows_cpu(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor, che
         raise ValueError(f"masks must be bool [slots, {z.shape[1]}] with unit column stride, "
                          f"got {masks.dtype} {tuple(masks.shape)}")
     slots = _index(lib, "slots", slots, z.shape[0], masks.shape[0], allow_skip=False)
-    fn = getattr(lib, f"griffin_keep_rows_{_WEIGHT_SUFFIX[z.dtype]}")
-    fn(z.data_ptr(), z.stride(0), masks.data_ptr(), masks.stride(0), slots.data_ptr(), z.shape[0], z.shape[1])
-    return z
+    return keep_rows_unchecked(z.dtype)(z, masks, slots)
+
+
+def keep_rows_unchecked(dtype: torch.dtype):
+    """:func:`keep_rows_cpu` for ``dtype`` without its input checks, except z's column
+    stride (a view with another stride would be written wrongly): for the decode
+    step's own tensors, where the checks cost more than the kernel."""
+    fn = getattr(_capture_lib(), f"griffin_keep_rows_{_WEIGHT_SUFFIX[dtype]}")
+
+    def keep_rows(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        if z.stride(1) != 1 and z.shape[1] > 1:
+            raise ValueError(f"z needs unit column stride, got strides {z.stride()}")
+        fn(z.data_ptr(), z.stride(0), masks.data_ptr(), masks.stride(0), slots.data_ptr(), z.shape[0], z.shape[1])
+        return z
+
+    return keep_rows
