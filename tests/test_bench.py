@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "vllm_griffin.cli", "bench", "--models", "smollm2", "--batch-sizes", "1,3",
-           "--densities", "0.5", "--gen-len", "4", "--repeats", "1", "--prefill-repeats", "2", "--prefill-seconds", "0.5", "--out", str(out)]
+           "--densities", "0.5", "--gen-len", "4", "--repeats", "1", "--decode-seconds", "0.3",
+           "--prefill-repeats", "2", "--prefill-seconds", "0.5", "--out", str(out)]
     engines.close()  # one engine at a time, also across processes
     with engine_lock():
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
@@ -33,29 +34,43 @@ def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
     assert sorted(runs) == [(1, 0.5), (1, 1.0), (3, 0.5), (3, 1.0)]
     for (batch, density), r in runs.items():
         assert r["prefill_s"] == statistics.median(r["prefill_samples"]) > 0
-        tokens = sum(n for _, _, n in r["samples"])
-        # 4 tokens each; decode counts those after every request has its first one.
-        assert tokens == 3 if batch == 1 else 0 < tokens <= batch * 3
+        # Rounds: at least 1, more until each density has 0.3 s of full decode steps.
+        rounds = len(r["samples"])
+        assert rounds == len(runs[(batch, 1.0 if density < 1.0 else 0.5)]["samples"])
+        assert rounds == len(r["round_step_medians"]) and 1 <= rounds <= 12
+        for _, _, n in r["samples"]:
+            # 4 tokens each; decode counts those after every request has its first one.
+            assert n == 3 if batch == 1 else 0 < n <= batch * 3
         # Throughput: the batch over the median step in which every request got a token.
-        assert 0 < len(r["step_seconds"]) <= 3
+        assert 0 < len(r["step_seconds"]) <= 3 * rounds
         assert r["decode_tok_s"] == pytest.approx(batch / statistics.median(r["step_seconds"]))
         # Dense is vLLM's own MLP (no GRIFFIN decode path); 0.5 decodes on experts.
         assert bool(r["decode_paths"]) == (density < 1.0)
     for batch in (1, 3):
-        # Prefill samples: the decode run's, then prefill-only rounds until each density
+        steps = {d: sum(runs[(batch, d)]["step_seconds"]) for d in (0.5, 1.0)}
+        rounds = len(runs[(batch, 0.5)]["samples"])
+        assert min(steps.values()) >= 0.3 or rounds == 12
+        # Prefill samples: the decode runs', then prefill-only rounds until each density
         # has 2 samples and 0.5 s, and no more.
         for d in (0.5, 1.0):
-            assert runs[(batch, d)]["prefill_samples"][0] == runs[(batch, d)]["samples"][0][0]
+            assert runs[(batch, d)]["prefill_samples"][:rounds] == [s[0] for s in runs[(batch, d)]["samples"]]
         counts = {len(runs[(batch, d)]["prefill_samples"]) for d in (0.5, 1.0)}
         assert len(counts) == 1 and (n := counts.pop()) >= 2
         least = min(sum(runs[(batch, d)]["prefill_samples"]) for d in (0.5, 1.0))
         before_last = min(sum(runs[(batch, d)]["prefill_samples"][:-1]) for d in (0.5, 1.0))
-        assert least >= 0.5 or n == 1 + 32
-        assert n == 2 or before_last < 0.5
+        assert least >= 0.5 or n == rounds + 32
+        assert n == max(2, rounds) or before_last < 0.5
     assert runs[(1, 0.5)]["union_fraction"] == pytest.approx(0.5, abs=1e-3)  # one request: its own k/D
     assert 0.5 <= runs[(3, 0.5)]["union_fraction"] <= 1.0
     summary = {(r["batch"], r["density"]): r for r in results["summary"]}
     for key, row in summary.items():
-        assert row["vs_dense"] == pytest.approx(runs[key]["decode_tok_s"] / runs[(key[0], 1.0)]["decode_tok_s"])
+        # Ratios paired within rounds: the median of dense step / GRIFFIN step per round.
+        dense, griffin = runs[(key[0], 1.0)], runs[key]
+        per_round = [a / b for a, b in zip(dense["round_step_medians"], griffin["round_step_medians"]) if a and b]
+        assert row["vs_dense"] == pytest.approx(statistics.median(per_round))
+        per_prefill = [a / b for a, b in zip(griffin["prefill_samples"], dense["prefill_samples"])]
+        assert row["prefill_overhead"] == pytest.approx(statistics.median(per_prefill) - 1.0)
+        for run, steps in ((dense, dense["step_seconds"]), (griffin, griffin["step_seconds"])):
+            assert all(m is None or min(steps) <= m <= max(steps) for m in run["round_step_medians"])
     assert out.with_suffix(".md").read_text().count("| smollm2 |") == 2
     assert Path(out.with_suffix(".png")).stat().st_size > 0

@@ -8,14 +8,18 @@ is the ceiling for density 0.5.
 
 The engine is stepped by hand: a batch counts as prefilled once every request
 has its first token; decode tokens/s is B over the median time of the decode
-steps after that in which every request got a token, pooled over the repeats
+steps after that in which every request got a token, pooled over the rounds
 (robust to another process briefly taking the core; the whole-run figure is kept
-in the JSON as ``decode_tok_s_whole_runs``). Per batch size B and density d it reports that, the
-ratio to dense, the ratio to the ceiling, the prefill
-overhead of statistic capture (time to the batch's first tokens at d vs 1.0: the
-decode runs' prefills plus prefill-only runs until each density has enough), the mean union
-fraction of the batch's experts (from their exported expert sets), and which
-decode paths ran. Densities alternate within each repeat; medians are reported.
+in the JSON as ``decode_tok_s_whole_runs``). A round runs every density once, back
+to back; there are at least ``--repeats`` rounds and more until each density has
+``--decode-seconds`` of decode steps. GRIFFIN/dense is the median over rounds of
+the ratio within a round (a shared machine's speed drifts between rounds; the two
+runs of a round see nearly the same machine). Per batch size B and density d it
+reports that, the ratio to the ceiling, the prefill overhead of statistic capture
+(time to the batch's first tokens at d vs 1.0, paired the same way: the decode
+runs' prefills plus prefill-only rounds until each density has enough), the mean
+union fraction of the batch's experts (from their exported expert sets), and
+which decode paths ran.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ MODELS = {
 }
 TWINS = {"llama-1b": "llama-1b-half"}
 MAX_PREFILL_ROUNDS = 32
+MAX_DECODE_ROUNDS = 12
 
 
 def random_llama_dir(intermediate: int) -> Path:
@@ -165,8 +170,13 @@ class Runner:
         samples: dict[float, list[tuple[float, float, int]]] = {d: [] for d in densities}
         prefills: dict[float, list[float]] = {d: [] for d in densities}
         paths: dict[float, dict[str, int]] = {d: {} for d in densities}
-        for rep in range(self.args.repeats):
-            # Every other round runs the densities in reverse, so no density always runs first.
+        # Rounds: every density once, in reverse every other round (no density always
+        # runs first). At least --repeats; more, up to MAX_DECODE_ROUNDS, until each density
+        # has --decode-seconds of full decode steps: slow spells of a shared machine last
+        # seconds to minutes, and many short rounds let each spell hit every density alike.
+        rep = 0
+        while rep < self.args.repeats or (rep < MAX_DECODE_ROUNDS and min(
+                sum(t for *_, full in runs for t in full) for runs in samples.values()) < self.args.decode_seconds):
             for density in densities[:: -1 if rep % 2 else 1]:
                 before = self.stats()["decode_paths"]
                 samples[density].append(self.timed_steps(batch, density))
@@ -175,6 +185,7 @@ class Runner:
                 for k in after:
                     if after[k] != before.get(k, 0):
                         paths[density][k] = paths[density].get(k, 0) + after[k] - before.get(k, 0)
+            rep += 1
         # Prefill is short and noisy: more samples from prefill-only rounds, until each
         # density has --prefill-repeats and has run --prefill-seconds in all.
         rep = 0
@@ -194,7 +205,10 @@ class Runner:
             entry = {"model": self.name, "batch": batch, "density": density, "prefill_s": prefill,
                      "decode_tok_s": decode_tok_s, "decode_tok_s_whole_runs": whole_runs,
                      "decode_paths": paths[density], "samples": [s[:3] for s in samples[density]],
-                     "step_seconds": steps, "prefill_samples": prefills[density]}
+                     "step_seconds": steps, "prefill_samples": prefills[density],
+                     # Per round (aligned across densities): the run's median full decode step.
+                     "round_step_medians": [statistics.median(full) if full else None
+                                            for *_, full in samples[density]]}
             if density < 1.0:  # untimed: the same prompts once more, writing their experts
                 self.llm.collective_rpc("griffin_export_to", args=(str(self.export_dir),))
                 outs = self.llm.generate(self.prompts(batch), self.params(density, 1), use_tqdm=False)
@@ -234,6 +248,13 @@ def run(args) -> dict:
     return results
 
 
+def paired_ratio(numerators, denominators, fallback: float) -> float:
+    """Median of numerators[i] / denominators[i] over the rounds both measured (the two
+    sides of a ratio ran seconds apart in each round); ``fallback`` without any."""
+    pairs = [a / b for a, b in zip(numerators or [], denominators or []) if a and b]
+    return statistics.median(pairs) if pairs else fallback
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     by_key = {(r["model"], r["batch"], r["density"]): r for r in runs}
     rows = []
@@ -243,8 +264,11 @@ def summarize(runs: list[dict]) -> list[dict]:
         dense = by_key[(model, batch, 1.0)]
         row = {"model": model, "batch": batch, "density": density,
                "dense_tok_s": dense["decode_tok_s"], "griffin_tok_s": r["decode_tok_s"],
-               "vs_dense": r["decode_tok_s"] / dense["decode_tok_s"],
-               "prefill_overhead": r["prefill_s"] / dense["prefill_s"] - 1.0,
+               # Ratios paired by round (runs minutes apart see different machine speeds).
+               "vs_dense": paired_ratio(dense.get("round_step_medians"), r.get("round_step_medians"),
+                                        r["decode_tok_s"] / dense["decode_tok_s"]),
+               "prefill_overhead": paired_ratio(r["prefill_samples"], dense["prefill_samples"],
+                                                r["prefill_s"] / dense["prefill_s"]) - 1.0,
                "union_fraction": r.get("union_fraction"), "decode_paths": r["decode_paths"]}
         twin = by_key.get((TWINS.get(model), batch, 1.0))
         if twin is not None and density == 0.5:
@@ -305,7 +329,10 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=2, help="alternating repeats per batch size; medians reported")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="decode rounds per batch size, at least (each runs every density once)")
+    p.add_argument("--decode-seconds", type=float, default=10.0,
+                   help=f"more rounds (up to {MAX_DECODE_ROUNDS}) until each density has this much decode time")
     p.add_argument("--prefill-repeats", type=int, default=4,
                    help="prefill samples per batch size and density (prefill overhead; the decode runs' "
                         "prefills count, prefill-only runs add the rest); medians reported")
