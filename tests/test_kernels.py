@@ -133,7 +133,7 @@ def test_keep_rows_kernel_matches_reference(dtype, rows, width, slots):
 
 
 def test_keep_rows_kernel_leaves_other_columns_and_rejects_bad_input():
-    from vllm_griffin.ops import keep_experts_
+    from vllm_griffin.ops import keep_experts_fn
     from vllm_griffin.ops.cpu_kernel import keep_rows_cpu
 
     masks = torch.tensor([[True, False, True], [False, True, False]])
@@ -148,7 +148,8 @@ def test_keep_rows_kernel_leaves_other_columns_and_rejects_bad_input():
         keep_rows_cpu(torch.ones(2, 3), masks.float(), torch.tensor([0, 1]))
     # float16 (no kernel) takes the torch reference through the same entry point.
     z = torch.ones(2, 3, dtype=torch.float16)
-    assert keep_experts_(z, masks, torch.tensor([0, 0])).tolist() == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+    keep = keep_experts_fn(torch.device("cpu"), torch.float16)
+    assert keep(z, masks, torch.tensor([0, 0])).tolist() == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
 
 
 def test_keep_rows_unchecked_call_gives_the_same_bits():

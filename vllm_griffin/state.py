@@ -111,7 +111,7 @@ class StepPlan:
     sparse_ksum: list[int] = field(default_factory=list)  # per layer: sum of the sparse tokens' k
     # Filled by the first layer that needs them, for every layer at once: one tensor
     # op per step instead of one per layer (the per-layer calls cost more than the
-    # masked GEMMs of a small model).
+    # layer's own work in a small model).
     sparse_masks_all: torch.Tensor | None = None  # [L, T_sparse, D] bool
     sparse_unions: list[int] | None = None         # per layer: distinct neurons used
     sparse_paths: dict[bool, list[tuple[str, int | None]]] = field(default_factory=dict)
@@ -211,8 +211,8 @@ class GriffinState:
         # GPU: each selected slot's experts as packed bits [L, D/8] on the host, so the
         # dispatch counts a step's union without a device sync (see sparse_union).
         self.host_bits: dict[int, np.ndarray] = {}
-        # CPU decode: persistent flat buffers for a step's [L, T, D] masks (bool, and 0/1
-        # in the activations' dtype), so a step does not allocate and page-fault them anew.
+        # CPU decode: a persistent flat buffer for a step's [L, T, D] bool masks (union
+        # counting), so a step does not allocate and page-fault them anew.
         self._step_buffers: dict[torch.dtype, torch.Tensor] = {}
         self._keep_fns: dict[torch.dtype, Callable] = {}  # the masked path's zeroing, per activation dtype
         # CUDA graphs (Model Runner V2): the per-row buffers captured decode graphs

@@ -166,31 +166,21 @@ def capture_cpu(z, pos, sq_norms, acc, acc_idx, blk=None, blk_idx=None, check: b
     lib = _capture_lib()
     z = _rows(z)
     rows, width = z.shape
-    if not check:
-        tokens = rows if pos is None else pos.numel()
-        if sq_norms is not None:
-            sq_norms = sq_norms.reshape(-1).to(device="cpu", dtype=torch.float32).contiguous()
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        getattr(lib, f"griffin_capture_{_WEIGHT_SUFFIX[z.dtype]}")(
-            z.data_ptr(), z.stride(0), width, ptr(pos), tokens, ptr(sq_norms), ptr(acc), ptr(acc_idx),
-            ptr(blk), ptr(blk_idx))
-        return
-    if pos is not None:
+    if check and pos is not None:
         pos = _index(lib, "pos", pos, pos.numel(), rows, allow_skip=False)
     tokens = rows if pos is None else pos.numel()
     if sq_norms is not None:
         sq_norms = sq_norms.reshape(-1).to(device="cpu", dtype=torch.float32).contiguous()
-        if sq_norms.numel() != tokens:
+        if check and sq_norms.numel() != tokens:
             raise ValueError(f"sq_norms has {sq_norms.numel()} entries; expected {tokens} (one per token)")
-    targets = []
-    for name, target, idx in (("acc", acc, acc_idx), ("blk", blk, blk_idx)):
-        if target is None:
-            targets += [None, None]
+    targets = [acc, acc_idx, blk, blk_idx]
+    for i, (name, target, idx) in enumerate((("acc", acc, acc_idx), ("blk", blk, blk_idx))):
+        if not check or target is None:
             continue
         if idx is None:
             raise ValueError(f"{name} is given but {name}_idx is None")
         _target(name, target, width)
-        targets += [target, _index(lib, f"{name}_idx", idx, tokens, target.shape[0], allow_skip=True)]
+        targets[2 * i + 1] = _index(lib, f"{name}_idx", idx, tokens, target.shape[0], allow_skip=True)
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     fn = getattr(lib, f"griffin_capture_{_WEIGHT_SUFFIX[z.dtype]}")
     fn(z.data_ptr(), z.stride(0), width, ptr(pos), tokens, ptr(sq_norms), *(ptr(t) for t in targets))

@@ -9,7 +9,7 @@ Paths (every one gives each row exactly its own experts' result):
 * ``triton`` -- GPU kernels, per-row gather-GEMV (vllm_griffin/ops/triton_experts.py);
 * ``triton_union`` -- GPU kernels, each union neuron's weights read once for all rows
   (``experts_mlp_triton_union``); only chosen when the cost model has union constants;
-* ``masked`` -- vLLM's own dense GEMMs with non-experts zeroed per row (``keep_experts_``);
+* ``masked`` -- vLLM's own dense GEMMs with non-experts zeroed per row (``keep_experts_fn``);
 * ``gather`` -- plain-torch reference (no kernel for this device/dtype/activation).
 
 The cost model compares the expert kernels with the dense GEMM they replace:
@@ -129,20 +129,13 @@ def kernel_supports(weights, activation: str | None) -> bool:
     return weights.gate.device.type == "cuda" and activation in ("silu", "gelu_tanh", "gelu", "relu")
 
 
-def keep_experts_(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The masked path's step between vLLM's GEMMs: in place, row t of z keeps only
-    the neurons ``masks[slots[t]]`` marks (one layer's [S, D] bool rows); others become 0.
-    The C kernel on a CPU (one pass, no gathered or converted masks), torch elsewhere."""
-    if (z.device.type == "cpu" and z.dtype in (torch.float32, torch.bfloat16) and z.dim() == 2
-            and z.stride(1) == 1 and masks.stride(1) == 1 and cpu_kernel.load() is not None):
-        return cpu_kernel.keep_rows_cpu(z, masks, slots)
-    return keep_rows_reference(z, masks, slots)
-
-
 def keep_experts_fn(device: torch.device, dtype: torch.dtype):
-    """:func:`keep_experts_` for one engine's activations, decided once: called per layer
-    and step, where its checks cost more than the C kernel. The returned function
-    trusts its ``slots`` (int64, rows of ``masks``; a step plan's)."""
+    """The masked path's step between vLLM's GEMMs, ``keep(z, masks, slots)``: in place,
+    row t of z keeps only the neurons ``masks[slots[t]]`` marks (one layer's [S, D] bool
+    rows); others become 0. The C kernel on a CPU (one pass, no gathered or converted
+    masks), torch elsewhere. Decided once per engine and dtype: it runs per layer and
+    step, where checks cost more than the kernel, so it trusts its ``slots`` (int64,
+    rows of ``masks``; a step plan's)."""
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernel.load() is not None:
         return cpu_kernel.keep_rows_unchecked(dtype)
     return keep_rows_reference
