@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from vllm_griffin.config import GriffinConfig
 from vllm_griffin.graph_decode import GraphDecode
-from vllm_griffin.ops import ExpertWeights, experts_mlp_gather
+from vllm_griffin.ops import ExpertWeights, experts_mlp_gather, masked_activation_fn
 from vllm_griffin.state import GriffinState, StepRow
 
 LAYERS, HIDDEN, WIDTH = 3, 16, 40
@@ -207,5 +207,7 @@ def test_union_from_masks_equals_union_of_expert_lists():
                 assert masks[row].nonzero().flatten().tolist() == experts[row, : counts[row]].tolist()
             # The masked GEMM path zeroes exactly the other neurons of each row.
             for dtype in (torch.float32, torch.bfloat16):
-                z = torch.randn(masks.shape, dtype=dtype).add_(5.0)  # no zeros of its own
-                assert torch.equal(state.keep_experts_(layer, plan, z.clone()) != 0, masks)
+                gate_up = torch.randn(masks.shape[0], 2 * WIDTH, dtype=dtype).add_(5.0)  # no zeros of its own
+                for activation in ("silu", None):  # fused with the activation, and not
+                    act = masked_activation_fn(torch.device("cpu"), dtype, activation, silu_and_mul)
+                    assert torch.equal(act(gate_up, state.masks[layer], plan.sparse_slot) != 0, masks)

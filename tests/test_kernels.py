@@ -133,7 +133,6 @@ def test_keep_rows_kernel_matches_reference(dtype, rows, width, slots):
 
 
 def test_keep_rows_kernel_leaves_other_columns_and_rejects_bad_input():
-    from vllm_griffin.ops import keep_experts_fn
     from vllm_griffin.ops.cpu_kernel import keep_rows_cpu
 
     masks = torch.tensor([[True, False, True], [False, True, False]])
@@ -146,23 +145,96 @@ def test_keep_rows_kernel_leaves_other_columns_and_rejects_bad_input():
         keep_rows_cpu(torch.ones(2, 3), masks, torch.tensor([0]))
     with pytest.raises(ValueError, match="masks must be bool"):
         keep_rows_cpu(torch.ones(2, 3), masks.float(), torch.tensor([0, 1]))
-    # float16 (no kernel) takes the torch reference through the same entry point.
-    z = torch.ones(2, 3, dtype=torch.float16)
-    keep = keep_experts_fn(torch.device("cpu"), torch.float16)
-    assert keep(z, masks, torch.tensor([0, 0])).tolist() == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
 
 
-def test_keep_rows_unchecked_call_gives_the_same_bits():
-    from vllm_griffin.ops import dispatch
-    from vllm_griffin.ops.cpu_kernel import keep_rows_cpu
+def gated_case(rows, width, dtype, seed, extra=5):
+    """gate_up [rows, 2 * width] as a strided view (rows of a wider buffer, like vLLM's
+    output slices), values up to about +-12 so the activation's both tails are used."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = (torch.randn(rows, 2 * width + extra, generator=gen) * 4).to(dtype)
+    return wide[:, 2:2 + 2 * width]
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("rows, width, slots", [(1, 13, 3), (5, 1536, 4), (16, 1000, 7), (64, 8192, 64)])
+def test_fused_masked_activation_matches_reference(dtype, activation, rows, width, slots):
+    """The masked path fused on a CPU: z = act(gate) * up on each row's experts, exactly 0
+    elsewhere; within float32 rounding of torch's activation (bfloat16: one rounding)."""
+    from vllm_griffin.ops.cpu_kernel import act_keep_cpu
+    from vllm_griffin.ops.reference import act_keep_reference
+
+    gate_up = gated_case(rows, width, dtype, seed=rows * width)
+    gen = torch.Generator().manual_seed(width)
+    masks = torch.rand(slots, width, generator=gen) < 0.4
+    slot = torch.randint(0, slots, (rows,), generator=gen)  # repeats allowed
+    got = act_keep_cpu(gate_up, masks, slot, activation)
+    # The oracle in float32 from the same inputs, rounded once to the output dtype.
+    want = act_keep_reference(gate_up.float(), masks, slot, act_and_mul(activation))
+    assert got.dtype == dtype and got.shape == (rows, width) and got.is_contiguous()
+    assert (got[~masks[slot]] == 0).all() and not got[~masks[slot]].signbit().any()
+    # torch's GELU tanh form, 0.5 g (1 + tanh), loses its digits as 1 + tanh -> 0 (g < -4),
+    # where the kernel's g * sigmoid form keeps them: an absolute 2e-6 apart at most there.
+    atol = 1e-6 if activation == "silu" else 1e-5
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=atol)
+    else:
+        torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=2 ** -7, atol=atol)
+        big = want.abs() > 1e-3  # away from the GELU tail above: almost all bit-equal
+        assert (got[big] == want.to(dtype)[big]).float().mean() > 0.99
+
+
+def test_fused_masked_activation_bits_do_not_depend_on_the_column():
+    """A value computed in the kernel's 8-lane loop and in its scalar tail gets the same bits."""
+    from vllm_griffin.ops.cpu_kernel import act_keep_cpu
+
+    gen = torch.Generator().manual_seed(3)
+    gate, up = torch.randn(7, generator=gen) * 6, torch.randn(7, generator=gen)
+    edge = torch.tensor([-100.0, -88.0, -30.0, 0.0, 1e-30, 30.0, 90.0])
+    for g in (gate, edge):
+        for activation in ("silu", "gelu_tanh"):
+            tail = act_keep_cpu(torch.cat([g, up]).unsqueeze(0), torch.ones(1, 7, dtype=torch.bool),
+                                torch.tensor([0]), activation)  # width 7: every column in the tail
+            padded = torch.cat([g, g[:1], up, up[:1]]).unsqueeze(0)  # width 8: every column in lanes
+            lanes = act_keep_cpu(padded, torch.ones(1, 8, dtype=torch.bool), torch.tensor([0]), activation)
+            assert torch.equal(tail[0], lanes[0, :7])
+    # Extremes stay finite and close to the exact values; NaN stays NaN.
+    z = act_keep_cpu(torch.cat([edge, torch.ones(7)]).unsqueeze(0), torch.ones(1, 7, dtype=torch.bool),
+                     torch.tensor([0]), "silu")
+    torch.testing.assert_close(z[0], F.silu(edge), rtol=2e-6, atol=1e-30)
+    nan = act_keep_cpu(torch.tensor([[float("nan"), 1.0]]), torch.ones(1, 1, dtype=torch.bool),
+                       torch.tensor([0]), "silu")
+    assert nan.isnan().all()
+
+
+def test_masked_activation_entry_point_and_bad_input():
+    from vllm_griffin.ops import dispatch, masked_activation_fn
+    from vllm_griffin.ops.cpu_kernel import act_keep_cpu, keep_rows_cpu
+
+    cpu = torch.device("cpu")
     gen = torch.Generator().manual_seed(5)
     masks, slots = torch.rand(6, 300, generator=gen) < 0.5, torch.tensor([5, 0, 5])
     for dtype in (torch.float32, torch.bfloat16):
-        z = torch.randn(3, 300, generator=gen).to(dtype)
-        fast = dispatch.keep_experts_fn(torch.device("cpu"), dtype)
-        assert fast is not dispatch.keep_rows_reference
-        assert torch.equal(fast(z.clone(), masks, slots), keep_rows_cpu(z, masks, slots))
+        gate_up = gated_case(3, 300, dtype, seed=1)
+        # SiLU: the fused kernel (its unchecked call: the same bits as the checked one).
+        fused = masked_activation_fn(cpu, dtype, "silu", act_and_mul("silu"))
+        assert torch.equal(fused(gate_up, masks, slots), act_keep_cpu(gate_up, masks, slots, "silu"))
         with pytest.raises(ValueError, match="unit column stride"):
-            fast(torch.zeros(300, 3, dtype=dtype).t(), masks, slots)
-    assert dispatch.keep_experts_fn(torch.device("cpu"), torch.float16) is dispatch.keep_rows_reference
+            fused(torch.zeros(600, 3, dtype=dtype).t(), masks, slots)
+        # Exact GELU is not fused: the model's own activation, then the C zeroing.
+        unfused = masked_activation_fn(cpu, dtype, "gelu", act_and_mul("gelu"))
+        want = keep_rows_cpu(act_and_mul("gelu")(gate_up), masks, slots)
+        assert torch.equal(unfused(gate_up, masks, slots), want)
+    # float16 (no kernel) takes the torch reference through the same entry point.
+    gate_up = gated_case(3, 300, torch.float16, seed=1)
+    slow = masked_activation_fn(cpu, torch.float16, "silu", act_and_mul("silu"))
+    assert torch.equal(slow(gate_up, masks, slots),
+                       dispatch.keep_rows_reference(act_and_mul("silu")(gate_up), masks, slots))
+    with pytest.raises(ValueError, match="activation 'gelu' is not fused; allowed: silu, gelu_tanh"):
+        act_keep_cpu(torch.ones(2, 6), masks[:, :3], torch.tensor([0, 1]), "gelu")
+    with pytest.raises(ValueError, match=r"gate_up must be .* \[rows, 2 \* neurons\]"):
+        act_keep_cpu(torch.ones(2, 5), masks[:, :3], torch.tensor([0, 1]), "silu")
+    with pytest.raises(ValueError, match=r"masks must be bool \[slots, 3\]"):
+        act_keep_cpu(torch.ones(2, 6), masks[:, :4], torch.tensor([0, 1]), "silu")
+    with pytest.raises(ValueError, match=r"slots\[0\] = 6; allowed: 0..5"):
+        act_keep_cpu(torch.ones(2, 6), masks[:, :3], torch.tensor([6, 1]), "silu")

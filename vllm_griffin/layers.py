@@ -12,7 +12,8 @@ per step, three groups of tokens:
   bit for bit.
 
 The forward body is a registered custom op, so ``torch.compile`` traces one
-opaque call per layer and the per-step Python logic runs eagerly inside it.
+opaque call per layer and the per-step Python logic runs eagerly inside it
+(uncompiled, the forward calls the body directly).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class GriffinMLP(nn.Module):
         # oneDNN and drops the plain ones, so this is the only plain copy).
         self.expert_weights: ops.ExpertWeights | None = None
         self._kernel_ok: bool | None = None  # whether an expert kernel runs them (asked once)
+        self._masked_fns: dict[torch.dtype, object] = {}  # the masked path's activation, per dtype
         self._gate_up_loaded: tuple[torch.Tensor, torch.Tensor | None] | None = None
         _on_weights_processed(gate_up, self._keep_gate_up)
         _on_weights_processed(down, self._keep_down)
@@ -134,7 +136,9 @@ class GriffinMLP(nn.Module):
         self._gate_up_loaded = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.vllm.griffin_mlp(x, self.layer_name)
+        if torch.compiler.is_compiling():
+            return torch.ops.vllm.griffin_mlp(x, self.layer_name)
+        return self.run(x)  # eager: the same call without the op dispatcher's cost
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         graph = self.state.graph
@@ -165,19 +169,27 @@ class GriffinMLP(nn.Module):
         out.index_copy_(0, plan.sparse_idx, self._run_experts(x.index_select(0, plan.sparse_idx), plan))
         return out
 
+    def _masked_activation(self, gate_up: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """The activation of vLLM's gate_up output, each row keeping only its request's
+        experts at this layer (the others exactly 0)."""
+        fn = self._masked_fns.get(gate_up.dtype)
+        if fn is None:
+            fn = self._masked_fns[gate_up.dtype] = ops.masked_activation_fn(gate_up.device, gate_up.dtype,
+                                                                            self.activation, self._act_fn)
+        # The plan's slots come from the slot pool: always rows of the masks.
+        return fn(gate_up, self.state.masks[self.layer_index], plan.sparse_slot)
+
     def _run_experts(self, xs: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Each decode row through its own experts, by the path the cost model picks."""
         layer = self.layer_index
         kernel_ok = self._kernel_ok
         if kernel_ok is None:
             kernel_ok = self._kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
-        path, union = self.state.decode_paths(plan, kernel_ok, xs.device)[layer]
-        self.state.record_path(path, union, xs.shape[0])
+        path, _ = self.state.decode_paths(plan, kernel_ok, xs.device)[layer]
         if path == "masked":
             # vLLM's own GEMMs (and its tensor-parallel reduction), experts kept per row.
             gate_up, _ = self._gate_up_fn(xs)
-            z = self._act_fn(gate_up)
-            out, _ = self._down_fn(self.state.keep_experts_(layer, plan, z))
+            out, _ = self._down_fn(self._masked_activation(gate_up, plan))
             return out
         experts, counts = self.state.sparse_experts(layer, plan)
         if path in ("rows", "union"):
@@ -280,6 +292,7 @@ def install(model: nn.Module, spec: ArchSpec, make_state) -> GriffinState:
     _check_unquantized(first, spec)
     down_w = getattr(first, spec.down).weight
     state = make_state(len(layers), down_w.shape[1], down_w.device)
+    state.held_layers = [i for i, _ in owned]
     for i, host in owned:
         if spec.mlp is not None:
             name = f"{spec.layers}.{i}.{spec.mlp}"

@@ -184,6 +184,7 @@ class GriffinState:
         # Decode-path counters (layer-steps per path) and union statistics, for
         # benchmarks and metrics.
         self.path_counts: dict[str, int] = {}
+        self.held_layers: Sequence[int] = range(num_layers)  # install(): those of this pipeline rank
         self.union_fraction_sum = 0.0
         self.union_samples = 0
         # Host seconds spent on the statistic and on selection (metrics; on GPUs: launch time).
@@ -214,7 +215,6 @@ class GriffinState:
         # CPU decode: a persistent flat buffer for a step's [L, T, D] bool masks (union
         # counting), so a step does not allocate and page-fault them anew.
         self._step_buffers: dict[torch.dtype, torch.Tensor] = {}
-        self._keep_fns: dict[torch.dtype, Callable] = {}  # the masked path's zeroing, per activation dtype
         # CUDA graphs (Model Runner V2): the per-row buffers captured decode graphs
         # read (graph_decode.GraphDecode); None when the engine runs no graphs.
         self.graph = None
@@ -505,15 +505,6 @@ class GriffinState:
             buf = self._step_buffers[dtype] = torch.empty(2 * size, dtype=dtype, device=self.device)
         return buf[:size].view(*shape)
 
-    def keep_experts_(self, layer: int, plan: StepPlan, z: torch.Tensor) -> torch.Tensor:
-        """In place: each of the step's sparse rows of ``z`` [T, D] keeps only its
-        request's experts at ``layer``; the others become exactly 0 (the masked path)."""
-        keep = self._keep_fns.get(z.dtype)
-        if keep is None:
-            keep = self._keep_fns[z.dtype] = dispatch.keep_experts_fn(self.device, z.dtype)
-        # The plan's slots come from the slot pool: always rows of the masks.
-        return keep(z, self.masks[layer], plan.sparse_slot)
-
     def decode_paths(self, plan: StepPlan, kernel_ok: bool, device: torch.device) -> list[tuple[str, int | None]]:
         """Per layer, (the path ops.dispatch picks for the step's sparse rows, their union
         size where it was counted). Decided for every layer at the first call of a step."""
@@ -537,6 +528,13 @@ class GriffinState:
                 union = self.sparse_union(layer, plan)
                 paths.append((dispatch.choose_path(device, kernel_ok, rows, self.width, union, products), union))
         plan.sparse_paths[kernel_ok] = paths
+        # Counted once per step for the layers this rank runs (not once per layer call).
+        for layer in self.held_layers:
+            path, union = paths[layer]
+            self.path_counts[path] = self.path_counts.get(path, 0) + 1
+            if rows > 1 and union is not None:
+                self.union_fraction_sum += union / self.width
+                self.union_samples += 1
         return paths
 
     def sparse_union(self, layer: int, plan: StepPlan) -> int:
@@ -572,12 +570,6 @@ class GriffinState:
         kmax = plan.sparse_kmax[layer]
         experts = self.experts[layer, plan.sparse_slot, :kmax].long()
         return experts, plan.sparse_counts[layer]
-
-    def record_path(self, path: str, union: int | None, rows: int) -> None:
-        self.path_counts[path] = self.path_counts.get(path, 0) + 1
-        if rows > 1 and union is not None:
-            self.union_fraction_sum += union / self.width
-            self.union_samples += 1
 
     def finish_step(self, plan: StepPlan) -> None:
         """Commit what the step's forward pass did (it succeeded); select finished prompts' experts."""

@@ -322,3 +322,112 @@ void griffin_keep_rows_##SUFFIX(T* z, int64_t z_stride, const uint8_t* masks,   
 }
 DEFINE_KEEP(f32, float)
 DEFINE_KEEP(bf16, uint16_t)
+
+// --- masked decode path, fused with the activation (contract: act_keep_reference) ---
+// z[t, j] = act(gate_up[t, j]) * gate_up[t, D + j] where masks[slots[t], j], else 0:
+// one pass in place of vLLM's act-and-mul calls plus the zeroing pass. SiLU and the
+// GELU tanh form are both g * sigmoid(a) (a = g, or a = 2 * sqrt(2/pi) * (g + 0.044715 g^3)),
+// with exp from a range reduction and a degree-7 polynomial (Cephes' expf,
+// within 2 ulp). The lane code and the scalar code do the same IEEE operations in
+// the same order, so a value's bits do not depend on its column or on AVX2.
+#define EXP_HI 88.3762626647949f
+#define EXP_LO -87.3365478515625f
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO -2.12194440e-4f
+#define GELU_A 1.5957691216057308f   /* 2 * sqrt(2 / pi) */
+#define GELU_B 0.0713548162726009f   /* 2 * sqrt(2 / pi) * 0.044715 */
+static const float EXP_POLY[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                                  4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
+
+static inline float exp_scalar(float x) {
+    x = fminf(fmaxf(x, EXP_LO), EXP_HI);  // NaN stays NaN below: fmaf/arith propagate it
+    float n = nearbyintf(x * LOG2E);
+    float r = fmaf(-n, LN2_HI, x);
+    r = fmaf(-n, LN2_LO, r);
+    float p = EXP_POLY[0];
+    for (int i = 1; i < 6; i++) p = fmaf(p, r, EXP_POLY[i]);
+    p = fmaf(p, r * r, r) + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+static inline float gated_act_scalar(float g, float u, int act) {
+    float a = act == 0 ? g : g * fmaf(GELU_B, g * g, GELU_A);
+    return g / (1.0f + exp_scalar(-a)) * u;
+}
+static inline uint16_t f32_to_bf16(float v) {  // round to nearest even, as torch
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // torch's one NaN
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+static inline void store_f32(float* p, float v) { *p = v; }
+static inline void store_bf16(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+
+#ifdef GRIFFIN_AVX2
+static inline __m256 exp_lanes(__m256 x) {
+    // max/min return their second operand for NaN, so NaN passes through like fminf/fmaxf.
+    x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EXP_POLY[0]);
+    for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_POLY[i]));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+static inline __m256 gated_act_lanes(__m256 g, __m256 u, int act) {
+    __m256 a = act == 0 ? g : _mm256_mul_ps(g, _mm256_fmadd_ps(_mm256_set1_ps(GELU_B), _mm256_mul_ps(g, g),
+                                                               _mm256_set1_ps(GELU_A)));
+    __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp_lanes(_mm256_sub_ps(_mm256_setzero_ps(), a)));
+    return _mm256_mul_ps(_mm256_div_ps(g, den), u);
+}
+static inline void store_lanes_f32(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+static inline void store_lanes_bf16(uint16_t* p, __m256 v) {  // f32_to_bf16 on 8 lanes
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i out = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    out = _mm256_blendv_epi8(out, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    out = _mm256_permute4x64_epi64(_mm256_packus_epi32(out, out), 0x08);  // lanes 0-3, 4-7 (all < 2^16)
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(out));
+}
+#endif
+
+#ifdef GRIFFIN_AVX2
+#define ACT_KEEP_LANES(SUFFIX)                                                                          \
+    for (; j + 8 <= width; j += 8) {                                                                    \
+        uint64_t bytes;                                                                                 \
+        memcpy(&bytes, m + j, 8);                                                                       \
+        if (bytes == 0) { /* no expert here: skip the exp */                                          \
+            store_lanes_##SUFFIX(zr + j, _mm256_setzero_ps());                                          \
+            continue;                                                                                   \
+        }                                                                                               \
+        __m256 h = gated_act_lanes(load_##SUFFIX(g + j), load_##SUFFIX(u + j), act);                  \
+        __m256i keep = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(m + j))), \
+                                          _mm256_setzero_si256());                                      \
+        store_lanes_##SUFFIX(zr + j, _mm256_and_ps(h, _mm256_castsi256_ps(keep)));                     \
+    }
+#else
+#define ACT_KEEP_LANES(SUFFIX)
+#endif
+
+#define DEFINE_ACT_KEEP(SUFFIX, T, TO_F32)                                                              \
+void griffin_act_keep_##SUFFIX(const T* gate_up, int64_t gu_stride, T* z, int64_t z_stride,           \
+                               const uint8_t* masks, int64_t mask_stride, const int64_t* slots,        \
+                               int64_t rows, int64_t width, int act) {                                 \
+    for (int64_t t = 0; t < rows; t++) {                                                                \
+        const T* g = gate_up + t * gu_stride;                                                           \
+        const T* u = g + width;                                                                         \
+        T* zr = z + t * z_stride;                                                                       \
+        const uint8_t* m = masks + slots[t] * mask_stride;                                             \
+        int64_t j = 0;                                                                                  \
+        ACT_KEEP_LANES(SUFFIX)                                                                          \
+        for (; j < width; j++)                                                                          \
+            store_##SUFFIX(zr + j, m[j] ? gated_act_scalar(TO_F32(g[j]), TO_F32(u[j]), act) : 0.0f);   \
+    }                                                                                                   \
+}
+DEFINE_ACT_KEEP(f32, float, f32_id)
+DEFINE_ACT_KEEP(bf16, uint16_t, bf16_to_f32)

@@ -27,6 +27,8 @@ logger = logging.getLogger("vllm.griffin.cpu_kernel")
 SOURCE = Path(__file__).with_name("cpu_experts.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
 ACT_CODES = {"silu": 0, "gelu_tanh": 1, "relu": 2, "gelu": 3}
+# The activations the fused masked path (griffin_act_keep_*) computes itself.
+FUSED_ACT_CODES = {"silu": 0, "gelu_tanh": 1}
 _WEIGHT_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _lib: ctypes.CDLL | None = None
 _failed = False
@@ -86,6 +88,9 @@ def load() -> ctypes.CDLL | None:
     for suffix in _WEIGHT_SUFFIX.values():
         fn = getattr(lib, f"griffin_keep_rows_{suffix}")
         fn.argtypes, fn.restype = [ptr, i64, ptr, i64, ptr, i64, i64], None
+    for suffix in _WEIGHT_SUFFIX.values():
+        fn = getattr(lib, f"griffin_act_keep_{suffix}")
+        fn.argtypes, fn.restype = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, ctypes.c_int], None
     lib.griffin_first_bad_index.argtypes = [ptr, i64, i64, ctypes.c_int]
     lib.griffin_first_bad_index.restype = i64
     _lib = lib
@@ -230,3 +235,43 @@ def keep_rows_unchecked(dtype: torch.dtype):
         return z
 
     return keep_rows
+
+
+def act_keep_cpu(gate_up: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor, activation: str) -> torch.Tensor:
+    """z [T, D]: z[t, j] = act(gate_up[t, j]) * gate_up[t, D + j] where masks[slots[t], j], else 0.
+
+    gate_up [T, 2D] float32/bfloat16 with unit column stride (vLLM's merged gate_up
+    output); masks [S, D] bool (one layer's rows, unit column stride); slots [T] int64;
+    activation "silu" or "gelu_tanh"."""
+    lib = _capture_lib()
+    if activation not in FUSED_ACT_CODES:
+        raise ValueError(f"activation {activation!r} is not fused; allowed: {', '.join(FUSED_ACT_CODES)}")
+    if (gate_up.dim() != 2 or gate_up.device.type != "cpu" or gate_up.dtype not in _WEIGHT_SUFFIX
+            or gate_up.stride(1) != 1 or gate_up.shape[1] % 2):
+        raise ValueError(f"gate_up must be a CPU float32/bfloat16 [rows, 2 * neurons] tensor with unit column "
+                         f"stride, got {gate_up.dtype} {tuple(gate_up.shape)} strides {gate_up.stride()} "
+                         f"on {gate_up.device}")
+    width = gate_up.shape[1] // 2
+    if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != width or masks.stride(1) != 1:
+        raise ValueError(f"masks must be bool [slots, {width}] with unit column stride, "
+                         f"got {masks.dtype} {tuple(masks.shape)}")
+    slots = _index(lib, "slots", slots, gate_up.shape[0], masks.shape[0], allow_skip=False)
+    return act_keep_unchecked(gate_up.dtype, activation)(gate_up, masks, slots)
+
+
+def act_keep_unchecked(dtype: torch.dtype, activation: str):
+    """:func:`act_keep_cpu` for ``dtype`` and ``activation`` without its input checks,
+    except gate_up's column stride: for the decode step's own tensors."""
+    fn = getattr(_capture_lib(), f"griffin_act_keep_{_WEIGHT_SUFFIX[dtype]}")
+    code = FUSED_ACT_CODES[activation]
+
+    def act_keep(gate_up: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        if gate_up.stride(1) != 1 and gate_up.shape[1] > 1:
+            raise ValueError(f"gate_up needs unit column stride, got strides {gate_up.stride()}")
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        z = torch.empty(rows, width, dtype=gate_up.dtype)
+        fn(gate_up.data_ptr(), gate_up.stride(0), z.data_ptr(), width, masks.data_ptr(), masks.stride(0),
+           slots.data_ptr(), rows, width, code)
+        return z
+
+    return act_keep

@@ -9,7 +9,7 @@ Paths (every one gives each row exactly its own experts' result):
 * ``triton`` -- GPU kernels, per-row gather-GEMV (vllm_griffin/ops/triton_experts.py);
 * ``triton_union`` -- GPU kernels, each union neuron's weights read once for all rows
   (``experts_mlp_triton_union``); only chosen when the cost model has union constants;
-* ``masked`` -- vLLM's own dense GEMMs with non-experts zeroed per row (``keep_experts_fn``);
+* ``masked`` -- vLLM's own dense GEMMs with non-experts zeroed per row (``masked_activation_fn``);
 * ``gather`` -- plain-torch reference (no kernel for this device/dtype/activation).
 
 The cost model compares the expert kernels with the dense GEMM they replace:
@@ -129,13 +129,24 @@ def kernel_supports(weights, activation: str | None) -> bool:
     return weights.gate.device.type == "cuda" and activation in ("silu", "gelu_tanh", "gelu", "relu")
 
 
-def keep_experts_fn(device: torch.device, dtype: torch.dtype):
-    """The masked path's step between vLLM's GEMMs, ``keep(z, masks, slots)``: in place,
-    row t of z keeps only the neurons ``masks[slots[t]]`` marks (one layer's [S, D] bool
-    rows); others become 0. The C kernel on a CPU (one pass, no gathered or converted
-    masks), torch elsewhere. Decided once per engine and dtype: it runs per layer and
-    step, where checks cost more than the kernel, so it trusts its ``slots`` (int64,
-    rows of ``masks``; a step plan's)."""
+def masked_activation_fn(device: torch.device, dtype: torch.dtype, activation: str | None, act_and_mul):
+    """The masked path's step between vLLM's two GEMMs, ``fn(gate_up, masks, slots) -> z``:
+    ``act_and_mul(gate_up)`` with row t keeping only the neurons ``masks[slots[t]]``
+    marks (one layer's [S, D] bool rows), the others exactly 0.
+
+    On a CPU it is one C pass for SiLU and the GELU tanh form (activation, product and
+    zeroing fused: fewer calls and passes than vLLM's own activation), otherwise vLLM's
+    activation, then the C zeroing; torch elsewhere. Chosen once per layer and dtype: it
+    runs per layer and step, where checks cost more than the kernel, so it trusts its
+    ``slots`` (int64, rows of ``masks``; a step plan's)."""
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernel.load() is not None:
-        return cpu_kernel.keep_rows_unchecked(dtype)
-    return keep_rows_reference
+        if activation in cpu_kernel.FUSED_ACT_CODES:
+            return cpu_kernel.act_keep_unchecked(dtype, activation)
+        keep = cpu_kernel.keep_rows_unchecked(dtype)
+    else:
+        keep = keep_rows_reference
+
+    def masked_activation(gate_up: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        return keep(act_and_mul(gate_up), masks, slots)
+
+    return masked_activation

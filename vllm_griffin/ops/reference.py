@@ -158,3 +158,10 @@ def keep_rows_reference(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tenso
     """In place: row t of z keeps only the neurons ``masks[slots[t]]`` marks (others
     become exactly 0); returns z. The C kernel's oracle."""
     return z.masked_fill_(~masks.index_select(0, slots), 0)
+
+
+def act_keep_reference(gate_up: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor,
+                       act_and_mul: ActAndMul) -> torch.Tensor:
+    """The masked path's activation: ``act_and_mul(gate_up)`` [T, D], row t keeping only
+    the neurons ``masks[slots[t]]`` marks (others exactly 0). The fused C kernel's oracle."""
+    return keep_rows_reference(act_and_mul(gate_up), masks, slots)
