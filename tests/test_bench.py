@@ -46,6 +46,13 @@ def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
         assert r["decode_tok_s"] == pytest.approx(batch / statistics.median(r["step_seconds"]))
         # Dense is vLLM's own MLP (no GRIFFIN decode path); 0.5 decodes on experts.
         assert bool(r["decode_paths"]) == (density < 1.0)
+        # The worker-timed capture + selection: one figure per prefill, none for dense.
+        work = r["prefill_griffin_samples"]
+        assert len(work) == len(r["prefill_samples"]) and r["prefill_griffin_s"] == statistics.median(work)
+        if density == 1.0:
+            assert all(w == 0 for w in work)
+        else:
+            assert all(0 < w < p for w, p in zip(work, r["prefill_samples"]))
     for batch in (1, 3):
         steps = {d: sum(runs[(batch, d)]["step_seconds"]) for d in (0.5, 1.0)}
         rounds = len(runs[(batch, 0.5)]["samples"])
@@ -70,6 +77,7 @@ def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
         assert row["vs_dense"] == pytest.approx(statistics.median(per_round))
         per_prefill = [a / b for a, b in zip(griffin["prefill_samples"], dense["prefill_samples"])]
         assert row["prefill_overhead"] == pytest.approx(statistics.median(per_prefill) - 1.0)
+        assert row["prefill_griffin_share"] == pytest.approx(griffin["prefill_griffin_s"] / dense["prefill_s"])
         for run, steps in ((dense, dense["step_seconds"]), (griffin, griffin["step_seconds"])):
             assert all(m is None or min(steps) <= m <= max(steps) for m in run["round_step_medians"])
     assert out.with_suffix(".md").read_text().count("| smollm2 |") == 2

@@ -169,7 +169,14 @@ class Runner:
         """Every density for one batch size, alternating over the repeats; medians."""
         samples: dict[float, list[tuple[float, float, int]]] = {d: [] for d in densities}
         prefills: dict[float, list[float]] = {d: [] for d in densities}
+        # The worker's own timers around GRIFFIN's prefill work (capture + selection) per
+        # prefill: a figure this machine's slow spells barely move, beside the end-to-end one.
+        griffin_work: dict[float, list[float]] = {d: [] for d in densities}
         paths: dict[float, dict[str, int]] = {d: {} for d in densities}
+
+        def work(before: dict, after: dict) -> float:
+            return sum(after[k] - before[k] for k in ("capture_seconds", "select_seconds"))
+
         # Rounds: every density once, in reverse every other round (no density always
         # runs first). At least --repeats; more, up to MAX_DECODE_ROUNDS, until each density
         # has --decode-seconds of full decode steps: slow spells of a shared machine last
@@ -178,13 +185,15 @@ class Runner:
         while rep < self.args.repeats or (rep < MAX_DECODE_ROUNDS and min(
                 sum(t for *_, full in runs for t in full) for runs in samples.values()) < self.args.decode_seconds):
             for density in densities[:: -1 if rep % 2 else 1]:
-                before = self.stats()["decode_paths"]
+                before = self.stats()
                 samples[density].append(self.timed_steps(batch, density))
                 prefills[density].append(samples[density][-1][0])  # a decode run starts with a prefill
-                after = self.stats()["decode_paths"]
-                for k in after:
-                    if after[k] != before.get(k, 0):
-                        paths[density][k] = paths[density].get(k, 0) + after[k] - before.get(k, 0)
+                after = self.stats()
+                griffin_work[density].append(work(before, after))
+                was, now = before["decode_paths"], after["decode_paths"]
+                for k in now:
+                    if now[k] != was.get(k, 0):
+                        paths[density][k] = paths[density].get(k, 0) + now[k] - was.get(k, 0)
             rep += 1
         # Prefill is short and noisy: more samples from prefill-only rounds, until each
         # density has --prefill-repeats and has run --prefill-seconds in all.
@@ -192,7 +201,9 @@ class Runner:
         while min(map(len, prefills.values())) < self.args.prefill_repeats or (
                 rep < MAX_PREFILL_ROUNDS and min(map(sum, prefills.values())) < self.args.prefill_seconds):
             for density in densities[:: -1 if rep % 2 else 1]:
+                before = self.stats()
                 prefills[density].append(self.timed_prefill(batch, density))
+                griffin_work[density].append(work(before, self.stats()))
             rep += 1
         entries = []
         for density in densities:
@@ -206,6 +217,8 @@ class Runner:
                      "decode_tok_s": decode_tok_s, "decode_tok_s_whole_runs": whole_runs,
                      "decode_paths": paths[density], "samples": [s[:3] for s in samples[density]],
                      "step_seconds": steps, "prefill_samples": prefills[density],
+                     "prefill_griffin_s": statistics.median(griffin_work[density]),
+                     "prefill_griffin_samples": griffin_work[density],
                      # Per round (aligned across densities): the run's median full decode step.
                      "round_step_medians": [statistics.median(full) if full else None
                                             for *_, full in samples[density]]}
@@ -269,6 +282,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                                         r["decode_tok_s"] / dense["decode_tok_s"]),
                "prefill_overhead": paired_ratio(r["prefill_samples"], dense["prefill_samples"],
                                                 r["prefill_s"] / dense["prefill_s"]) - 1.0,
+               # GRIFFIN's prefill work as the worker timed it, over dense's prefill.
+               "prefill_griffin_share": r.get("prefill_griffin_s", 0.0) / dense["prefill_s"],
                "union_fraction": r.get("union_fraction"), "decode_paths": r["decode_paths"]}
         twin = by_key.get((TWINS.get(model), batch, 1.0))
         if twin is not None and density == 0.5:
@@ -280,13 +295,14 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict]) -> str:
     lines = ["| model | batch | density | dense tok/s | GRIFFIN tok/s | GRIFFIN/dense | ceiling/dense | "
-             "of ceiling | prefill overhead | union fraction |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "of ceiling | prefill overhead | capture + selection | union fraction |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
         lines.append(f"| {r['model']} | {r['batch']} | {r['density']} | {r['dense_tok_s']:.2f} | "
                      f"{r['griffin_tok_s']:.2f} | {r['vs_dense']:.2f} | {fmt(r.get('ceiling_vs_dense'), '.2f')} | "
                      f"{fmt(r.get('vs_ceiling'), '.2f')} | {r['prefill_overhead'] * 100:+.1f} % | "
+                     f"{r['prefill_griffin_share'] * 100:.1f} % | "
                      f"{fmt(r.get('union_fraction'), '.2f')} |")
     return "\n".join(lines)
 
