@@ -88,7 +88,6 @@ def load() -> ctypes.CDLL | None:
     for suffix in _WEIGHT_SUFFIX.values():
         fn = getattr(lib, f"griffin_keep_rows_{suffix}")
         fn.argtypes, fn.restype = [ptr, i64, ptr, i64, ptr, i64, i64], None
-    for suffix in _WEIGHT_SUFFIX.values():
         fn = getattr(lib, f"griffin_act_keep_{suffix}")
         fn.argtypes, fn.restype = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, ctypes.c_int], None
     lib.griffin_first_bad_index.argtypes = [ptr, i64, i64, ctypes.c_int]
@@ -206,6 +205,12 @@ def sq_norms_cpu(z, pos=None) -> torch.Tensor:
 
 # --- masked decode path (contract: keep_rows_reference in vllm_griffin/ops/reference.py) ---
 
+def _check_masks(masks: torch.Tensor, width: int) -> None:
+    if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != width or masks.stride(1) != 1:
+        raise ValueError(f"masks must be bool [slots, {width}] with unit column stride, "
+                         f"got {masks.dtype} {tuple(masks.shape)}")
+
+
 def keep_rows_cpu(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """In place: z[t, j] = 0 where not masks[slots[t], j]; returns z.
 
@@ -215,9 +220,7 @@ def keep_rows_cpu(z: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor) -> 
     if z.dim() != 2 or z.device.type != "cpu" or z.dtype not in _WEIGHT_SUFFIX or z.stride(1) != 1:
         raise ValueError(f"z must be a CPU float32/bfloat16 [rows, neurons] tensor with unit column stride, "
                          f"got {z.dtype} {tuple(z.shape)} strides {z.stride()} on {z.device}")
-    if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != z.shape[1] or masks.stride(1) != 1:
-        raise ValueError(f"masks must be bool [slots, {z.shape[1]}] with unit column stride, "
-                         f"got {masks.dtype} {tuple(masks.shape)}")
+    _check_masks(masks, z.shape[1])
     slots = _index(lib, "slots", slots, z.shape[0], masks.shape[0], allow_skip=False)
     return keep_rows_unchecked(z.dtype)(z, masks, slots)
 
@@ -252,9 +255,7 @@ def act_keep_cpu(gate_up: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor
                          f"stride, got {gate_up.dtype} {tuple(gate_up.shape)} strides {gate_up.stride()} "
                          f"on {gate_up.device}")
     width = gate_up.shape[1] // 2
-    if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != width or masks.stride(1) != 1:
-        raise ValueError(f"masks must be bool [slots, {width}] with unit column stride, "
-                         f"got {masks.dtype} {tuple(masks.shape)}")
+    _check_masks(masks, width)
     slots = _index(lib, "slots", slots, gate_up.shape[0], masks.shape[0], allow_skip=False)
     return act_keep_unchecked(gate_up.dtype, activation)(gate_up, masks, slots)
 
