@@ -28,6 +28,20 @@ class OracleResult:
     tokens: list[int]
     experts: list[torch.Tensor]       # per layer, sorted int64
     statistic: list[torch.Tensor]     # per layer, float64 s_j
+    margins: list[float] | None = None  # per token: top-1 minus top-2 logit (variants)
+    # Variants with refreshes: the first token index that a re-selection with a near-tie
+    # at its top-k boundary (float64 here, float32 in the engine) could change.
+    selection_tie: int | None = None
+
+    def tokens_to_compare(self, min_margin: float = 0.1) -> list[int]:
+        """The tokens up to the first near-tie (``margins``, ``selection_tie``): a float32 engine
+        may pick either side of a tie, and from there on the two generations are different texts."""
+        if self.margins is None:
+            return self.tokens
+        ties = [i for i, m in enumerate(self.margins) if m < min_margin]
+        if self.selection_tie is not None:
+            ties.append(self.selection_tie)
+        return self.tokens[: min(ties)] if ties else self.tokens
 
 
 def statistic_from_activations(z: torch.Tensor) -> torch.Tensor:
@@ -121,3 +135,107 @@ def dense_generate(model, prompt_ids: list[int], max_new_tokens: int) -> list[in
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                          attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
     return out[0, len(prompt_ids):].tolist()
+
+
+# -- beyond the paper: per-token experts in a pool (`gated`) and refreshes -------------------
+
+
+def gated_sizes(density: float, width: int) -> tuple[int, int]:
+    """``gated`` at ``density``: a pool of 1.5x the topk budget B = floor(density * D) (at most D)
+    and k experts per token with pool + 2k <= 3B: gate rows for the pool, up/down rows for k."""
+    budget = int(width * density)
+    if budget >= width:
+        return width, width
+    pool = min(width, int(1.5 * budget))
+    return pool, max(0, min(pool, (3 * budget - pool) // 2))
+
+
+@torch.no_grad()
+def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_new_tokens: int, *,
+                             method: str = "topk", refresh: int = 0) -> OracleResult:
+    """``topk`` or ``gated`` decode, optionally with refreshes, for gate/up MLPs (Llama, Qwen2, Gemma).
+
+    * ``gated``: the statistic's top-``pool`` neurons are the sequence's pool; each decode
+      token computes act(gate) on the pool, keeps the k of largest |act(gate)|, and runs
+      up and down for those only.
+    * ``refresh = R``: generated token g (g = 1, 2, ...; g = 0 is the first decode step)
+      with g % R == 0 runs the full MLP; its contribution z^2/||z||^2, times R, joins the
+      summed statistic, and the experts (pool) are the new top-k from the next token on.
+    """
+    layers = decoder_layers(model)
+    mlps = [layer.mlp for layer in layers]
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [m.down_proj.register_forward_pre_hook(
+        lambda mod, args, i=i: captured.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]).clone()))
+        for i, m in enumerate(mlps)]
+    try:
+        out = model(torch.tensor([prompt_ids]), use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    width = mlps[0].down_proj.in_features
+    if method == "gated":
+        top, k = gated_sizes(density, width)
+    else:
+        top, k = int(width * density), None
+    sums = [statistic_from_activations(captured[i]).square() for i in range(len(layers))]
+    pools = [torch.topk(s, top).indices.sort().values for s in sums]
+    first_pools = [p.clone() for p in pools]
+    dense_now = [False]
+    margins, selection_tie = [], None
+
+    def forward_for(i, mlp):
+        def forward(x):
+            flat = x.reshape(-1, x.shape[-1])
+            if dense_now[0]:
+                z = mlp.act_fn(mlp.gate_proj(flat)) * mlp.up_proj(flat)
+                sums[i] = sums[i] + refresh * statistic_from_activations(z).square()
+                return mlp.down_proj(z).reshape(x.shape)
+            pool = pools[i]
+            gate = mlp.act_fn(flat @ mlp.gate_proj.weight[pool].t())
+            if k is None:
+                idx = pool.expand(flat.shape[0], -1)
+            else:
+                sel = torch.topk(gate.abs(), k, dim=-1).indices
+                gate = gate.gather(-1, sel)
+                idx = pool[sel]
+            up = torch.einsum("th,tkh->tk", flat, mlp.up_proj.weight[idx])
+            out = torch.einsum("tk,tkh->th", gate * up, mlp.down_proj.weight.t()[idx])
+            return out.reshape(x.shape)
+        return forward
+
+    originals = [m.forward for m in mlps]
+    for i, m in enumerate(mlps):
+        m.forward = forward_for(i, m)
+    try:
+        tokens = [int(out.logits[0, -1].argmax())]
+        margins.append(_margin(out.logits[0, -1]))
+        past = out.past_key_values
+        while len(tokens) < max_new_tokens:
+            generated = len(tokens) - 1  # the token fed now
+            dense_now[0] = bool(refresh) and generated > 0 and generated % refresh == 0
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            if dense_now[0]:
+                pools[:] = [torch.topk(s, top).indices.sort().values for s in sums]
+                # The next forward (token index len(tokens) + 1 on) reads the new pools.
+                if selection_tie is None and top < width and any(_boundary_gap(s, top) < 1e-5 for s in sums):
+                    selection_tie = len(tokens) + 1
+            tokens.append(int(out.logits[0, -1].argmax()))
+            margins.append(_margin(out.logits[0, -1]))
+    finally:
+        for m, f in zip(mlps, originals):
+            m.forward = f
+    return OracleResult(tokens=tokens, experts=first_pools, statistic=[s.sqrt() for s in sums], margins=margins,
+                        selection_tie=selection_tie)
+
+
+def _boundary_gap(stat_sum: torch.Tensor, k: int) -> float:
+    """Relative gap between the k-th and (k+1)-th largest statistic (a near-tie: float32 may swap them)."""
+    top = torch.topk(stat_sum, k + 1).values
+    return float((top[k - 1] - top[k]) / top[k - 1].clamp_min(1e-300))
+
+
+def _margin(logits: torch.Tensor) -> float:
+    top = logits.float().topk(2).values
+    return float(top[0] - top[1])

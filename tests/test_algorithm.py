@@ -246,3 +246,28 @@ def test_topk_magnitude_under_tensor_parallelism_is_the_single_device_choice():
                                         static_scores=magnitude[layer])
         got = torch.cat([per_rank[r][layer] for r in range(RANKS)]).sort().values
         assert got.tolist() == want.tolist() and 1 in got.tolist()
+
+
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 0.6, 2 / 3, 0.75, 0.9, 1.0])
+@pytest.mark.parametrize("width", [7, 96, 4864])
+def test_gated_sizes_cost_no_more_than_topk(density, width):
+    """A gated token computes gates for its pool and up/down for k experts: (pool + 2k)/3
+    neurons' worth, within topk's floor(density * D); the pool is 1.5x that budget."""
+    pool, k = algorithm.gated_sizes(density, width)
+    budget = algorithm.num_experts(density, width)
+    assert 0 <= k <= pool <= width
+    assert pool + 2 * k <= 3 * budget
+    if budget < width:
+        assert pool == min(width, int(1.5 * budget))
+        assert pool + 2 * k >= 3 * budget - 2  # all of the budget, but for rounding
+    else:
+        assert (pool, k) == (width, width)
+
+
+def test_token_experts_keep_the_largest_gates_within_the_pool():
+    gate_act = torch.tensor([[5.0, -9.0, 1.0, 3.0, 0.5], [0.0, 2.0, -1.5, 0.1, 4.0]])
+    pool = torch.tensor([[True, True, True, False, True], [False, True, True, True, True]])
+    keep = algorithm.token_experts(gate_act, pool, 2)
+    # |act| ranks (row 0: -9 and 5; neuron 3 is outside the pool), per row.
+    assert keep.tolist() == [[True, True, False, False, False], [False, True, False, False, True]]
+    assert algorithm.token_experts(gate_act, pool, 0).sum() == 0

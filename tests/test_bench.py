@@ -16,9 +16,18 @@ import pytest
 
 from tests.conftest import engine_lock
 
-pytestmark = pytest.mark.slow
+
+def test_bench_methods_parse_and_bad_ones_are_named():
+    from vllm_griffin.bench import parse_method
+
+    assert parse_method("topk") == ("topk", {})
+    assert parse_method("gated+refresh8") == ("gated", {"refresh": 8})
+    for bad in ("nope", "topk+refresh", "topk+often4", "topk+refresh-1", "gated+refresh99999999"):
+        with pytest.raises(ValueError, match="allowed"):
+            parse_method(bad)
 
 
+@pytest.mark.slow
 def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "vllm_griffin.cli", "bench", "--models", "smollm2", "--batch-sizes", "1,3",

@@ -30,6 +30,8 @@ def test_defaults_and_values():
     ({"method": "top"}, "method"), ({"densities": []}, "densities"), ({"densities": [0.5, 0]}, r"densities\[1\]"),
     ({"densities": "0.5"}, "densities"), ({"seed": 1.5}, "seed"), ({"dense": 0.5}, "dense"),
     ({"cuda_graphs": "yes"}, "cuda_graphs"), ({"cuda_graphs": 1}, "cuda_graphs"),
+    ({"refresh": -1}, "refresh"), ({"refresh": 2.5}, "refresh"), ({"refresh": True}, "refresh"),
+    ({"refresh": "8"}, "refresh"), ({"refresh": 10**7}, "refresh"), ({"refresh": math.inf}, "refresh"),
 ])
 def test_bad_engine_values(raw, key):
     with pytest.raises(GriffinConfigError, match=key) as info:
@@ -57,8 +59,19 @@ def test_request_options_both_spellings():
     ({"griffin_density": 1.5}, "griffin_density"), ({"griffin_density": "nan"}, "griffin_density"),
     ({"griffin_density": "abc"}, "griffin_density"), ({"griffin_method": "x"}, "griffin_method"),
     ({"griffin_dens": 0.5}, "griffin_dens"), ({"griffin": {"k": 3}}, "griffin.k"), ({"griffin": [1]}, "griffin"),
+    ({"griffin": {"refresh": -4}}, "griffin.refresh"), ({"griffin_refresh": "often"}, "griffin_refresh"),
+    ({"griffin_refresh": "2.5"}, "griffin_refresh"), ({"griffin": {"refresh": [4]}}, "griffin.refresh"),
 ])
 def test_bad_request_values(extra, key):
     with pytest.raises(GriffinConfigError, match=key) as info:
         parse_request_options(extra)
     assert info.value.key == key
+
+
+def test_refresh_engine_and_request_values():
+    assert GriffinConfig.from_additional_config({"griffin": {}}).refresh == 0
+    assert GriffinConfig.from_additional_config({"griffin": {"refresh": 8, "method": "gated"}}).refresh == 8
+    assert GriffinConfig.from_additional_config({"griffin": {"refresh": 8.0}}).refresh == 8  # JSON numbers
+    assert parse_request_options({"griffin": {"refresh": 4}}) == RequestOptions(refresh=4)
+    assert parse_request_options({"griffin_refresh": "16"}).refresh == 16  # vllm_xargs strings
+    assert not parse_request_options({"griffin": {"refresh": 0}}).is_default

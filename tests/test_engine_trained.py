@@ -1,5 +1,6 @@
 """GRIFFIN on real trained weights against the oracle (float32): SmolLM2-135M-Instruct
-(Llama architecture) and Gemma-3-270M (Gemma3), the embedded models."""
+(Llama architecture), Gemma-3-270M (Gemma3) and Qwen2.5-Coder-0.5B-Instruct (Qwen2),
+the embedded models; the paper's topk, and the `gated` method and refreshes beyond it."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import hf_model
-from tests.oracle import griffin_generate
+from tests.oracle import griffin_generate, griffin_generate_variant
 from vllm_griffin.export import read_experts
 
 pytestmark = pytest.mark.slow
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xsum_1shot_dev.jsonl"
 MAX_TOKENS = 24
-LAYERS = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}
+LAYERS = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18, "qwen2.5-coder-0.5b-instruct": 24}
+# Beyond the paper, per request in the same engines: (method, refresh) checked on the first two prompts.
+VARIANTS = (("gated", 0), ("topk", 4), ("gated", 5))
 
 
 def prompts(tokenizer):
@@ -66,3 +69,25 @@ def test_trained_model_matches_oracle(engines, name, tmp_path_factory):
             assert got.tolist() == want.tolist(), f"prompt {i} layer {layer}"
         assert list(out.outputs[0].token_ids) == expected.tokens, f"{name} prompt {i}: {tokenizer.decode(expected.tokens)!r}"
     assert list(dense[0].outputs[0].token_ids) != list(outs[0].outputs[0].token_ids)
+    # gated and refreshes: the engine's tokens are the oracle's (which picks per token from
+    # HF's own gate outputs and recomputes the statistic in float64).
+    for method, refresh in VARIANTS:
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                                extra_args={"griffin": {"density": 0.5, "method": method, "refresh": refresh}})
+        got = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch[:2]], params, use_tqdm=False)
+        # Alone, a request decodes one row a step: gated rows run the gate GEMM + row kernel path.
+        got += llm.generate([TokensPrompt(prompt_token_ids=batch[1])], params, use_tqdm=False)
+        compared = 0
+        for i, (prompt, out) in enumerate(zip(batch[:2] + batch[1:2], got)):
+            want = griffin_generate_variant(model, prompt, 0.5, MAX_TOKENS, method=method, refresh=refresh)
+            # Up to the oracle's first near-tie (logit margin < 0.1): from there a float32
+            # engine may rightly write another text.
+            same = want.tokens_to_compare()
+            assert list(out.outputs[0].token_ids)[: len(same)] == same, (
+                f"{name} {method} refresh={refresh} prompt {i}: {tokenizer.decode(want.tokens)!r}")
+            compared += len(same)
+        # Enough tokens compared that refreshes (every 4-5 tokens) happened.
+        assert compared >= 20, f"{name} {method} refresh={refresh}: only {compared} tokens before near-ties"
+    stats = llm.collective_rpc("griffin_stats")[0]
+    assert stats["refresh_tokens"] >= 2 * (MAX_TOKENS - 2) // 4  # refreshes happened
+    assert stats["decode_paths"].get("gated_rows", 0) > 0 and stats["decode_paths"].get("masked", 0) > 0

@@ -127,3 +127,61 @@ def test_bad_options_that_slip_past_the_front_end_fall_back_to_defaults():
     state = make_state(density=0.25)
     plan = state.plan_step([StepRow("a", 4, 0, 4, {"griffin": {"density": 7}})])
     assert state.requests["a"].k == (4, 4) and [s.req_id for s in plan.finishing] == ["a"]
+
+
+def test_refresh_runs_every_rth_generated_token_dense_and_reselects_from_prompt_plus_refresh_tokens():
+    """refresh=R: generated tokens R, 2R, ... run the full MLP, their contribution joins the
+    statistic weighted R (decay 1: the whole text so far) and the experts follow it; other
+    generated tokens decode on the experts; a recompute after preemption counts no token twice."""
+    R = 3
+    state = make_state(refresh=R)
+    prompt = torch.randn(5, WIDTH)
+    run_layers(state, state.plan_step([StepRow("a", 5, 0, 5)]), prompt)
+    req = state.requests["a"]
+    assert req.refresh == R and req.acc_slot is not None  # the statistic stays for refreshes
+    # The oracle's statistic is sqrt(sum); the sums add.
+    stat = [statistic_from_activations(prompt * (layer + 1)).square() for layer in range(LAYERS)]
+    for pos in range(5, 5 + 2 * R + 1):
+        plan = state.plan_step([StepRow("a", 5, pos, 1)])
+        generated = pos - 5
+        if generated and generated % R == 0:
+            assert plan.sparse_idx is None and plan.capture_pos.tolist() == [0]
+            assert [(s.req_id, p) for s, _, p in plan.refreshes] == [("a", pos)]
+            z = torch.randn(1, WIDTH)
+            run_layers(state, plan, z)
+            for layer in range(LAYERS):
+                stat[layer] = stat[layer] + R * statistic_from_activations(z * (layer + 1)).square()
+                want = torch.topk(stat[layer], WIDTH // 2).indices.sort().values
+                assert state.experts_of("a")[layer].tolist() == want.tolist()
+                assert state.masks[layer, req.slot].nonzero().flatten().tolist() == want.tolist()
+        else:
+            assert plan.sparse_idx.tolist() == [0] and plan.capture_pos is None and not plan.refreshes
+            run_layers(state, plan, torch.randn(1, WIDTH))
+    assert state.refresh_tokens == 2 and state.acc_slots.in_use == 1  # scratch slots returned
+    # Preempted and recomputed from 0: prompt and the two refresh tokens are not counted again.
+    experts = [e.tolist() for e in state.experts_of("a")]
+    plan = state.plan_step([StepRow("a", 5, 0, 5 + 2 * R + 1)])
+    assert plan.capture_pos is None and not plan.refreshes and not plan.finishing
+    run_layers(state, plan, torch.randn(5 + 2 * R + 1, WIDTH))
+    assert [e.tolist() for e in state.experts_of("a")] == experts
+    # The next due token refreshes again; release frees the kept statistic.
+    plan = state.plan_step([StepRow("a", 5, 5 + 3 * R, 1)])
+    assert len(plan.refreshes) == 1
+    run_layers(state, plan, torch.randn(1, WIDTH))
+    state.release("a")
+    assert state.acc_slots.in_use == 0 and state.slots.in_use == 0
+
+
+def test_refresh_is_per_request_and_off_for_dense_and_static_methods():
+    state = make_state()
+    rows = [StepRow("r", 4, 0, 4, {"griffin": {"refresh": 2}}), StepRow("p", 4, 0, 4),
+            StepRow("m", 4, 0, 4, {"griffin": {"refresh": 2, "method": "magnitude"}}),
+            StepRow("d", 4, 0, 4, {"griffin_refresh": "2", "griffin_density": 1.0})]
+    run_layers(state, state.plan_step(rows), torch.randn(16, WIDTH))
+    assert [state.requests[r].refresh for r in "rpmd"] == [2, 0, 0, 0]
+    assert state.acc_slots.in_use == 1  # only r keeps its statistic
+    rows = [StepRow(r, 4, 6, 1) for r in "rpmd"]  # generated token 2 of each
+    plan = state.plan_step(rows)
+    assert [s.req_id for s, _, _ in plan.refreshes] == ["r"]
+    assert plan.sparse_idx.tolist() == [1, 2] and plan.dense_idx.tolist() == [0, 3]
+    assert plan.capture_pos.tolist() == [0]  # r's token, first among the dense ones

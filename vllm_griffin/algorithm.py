@@ -11,6 +11,9 @@ Vocabulary used across the package:
   chunked prefill adds chunk after chunk into the same sum.
 * *experts* -- the ``k = floor(density * D)`` neurons a sequence keeps for
   its whole generation: rows of gate/up and columns of down.
+* *gated* (beyond the paper) -- the statistic picks a larger *pool* per sequence;
+  each generated token computes its gate on the pool and runs up/down only for
+  the neurons whose ``|act(gate)|`` is largest. Same cost as ``topk`` at a density.
 """
 
 from __future__ import annotations
@@ -18,18 +21,31 @@ from __future__ import annotations
 import torch
 
 METHODS = ("topk", "magnitude", "random", "sample", "topk_sample", "topk_down", "topk_down_first_dense",
-           "topk_magnitude")
+           "topk_magnitude", "gated")
 # Methods that read the prompt's statistic (the others never capture).
-PROMPT_METHODS = frozenset({"topk", "sample", "topk_sample", "topk_down", "topk_down_first_dense", "topk_magnitude"})
+PROMPT_METHODS = frozenset({"topk", "sample", "topk_sample", "topk_down", "topk_down_first_dense", "topk_magnitude",
+                            "gated"})
 # Rank the statistic, optionally scaled by the down projection's column norms or
 # mixed with the magnitude prior (one batched top-k per k in the engine).
-RANK_METHODS = frozenset({"topk", "topk_down", "topk_down_first_dense", "topk_magnitude"})
+RANK_METHODS = frozenset({"topk", "topk_down", "topk_down_first_dense", "topk_magnitude", "gated"})
+# Methods whose tokens pick their own experts, per layer, within the sequence's pool.
+TOKEN_GATED = frozenset({"gated"})
+# gated: the share of a density's budget spent on the pool's gates. A token computes
+# gate rows for the pool (P neurons) and up/down rows for its k experts, so its cost
+# is (P + 2k) / 3 neurons' worth; at density d, P = POOL_FACTOR * d (at most all
+# neurons) and k takes the rest: the same cost as d * D neurons of topk.
+GATED_POOL_FACTOR = 1.5
 DOWN_WEIGHTED = frozenset({"topk_down", "topk_down_first_dense"})
 # Methods that add the static magnitude score as a prior to the prompt statistic.
 PRIOR_MIXED = frozenset({"topk_magnitude"})
 # The prior's weight against the prompt's: both are shares summing to 1 per layer, so
 # this fixed number means the same on every model (no calibration).
 MAGNITUDE_PRIOR_WEIGHT = 0.5
+# Refresh (GriffinConfig.refresh): at each refresh the accumulated statistic is
+# multiplied by this before the refresh token's contribution (weighted by the
+# interval it stands for) is added. 1.0: the statistic over the whole text so far
+# (0.5 screened worse on the HumanEval tuning split: docs/quality.md).
+REFRESH_DECAY = 1.0
 # Methods that move experts between layers (same total, so the same decode cost).
 FIRST_LAYER_METHODS = frozenset({"topk_down_first_dense"})
 
@@ -37,6 +53,30 @@ FIRST_LAYER_METHODS = frozenset({"topk_down_first_dense"})
 def num_experts(density: float, width: int) -> int:
     """k = floor(density * D), computed as the authors do (``int(D * k_factor)``)."""
     return int(width * density)
+
+
+def gated_sizes(density: float, width: int) -> tuple[int, int]:
+    """(pool, k) of the ``gated`` method at ``density``: the pool the statistic picks per
+    sequence and the experts each token keeps in it, costing ``num_experts(density, width)``
+    neurons of ``topk``: ``(pool + 2 k) / 3 <= density * width``."""
+    budget = num_experts(density, width)
+    if budget >= width:
+        return width, width
+    pool = min(width, int(GATED_POOL_FACTOR * budget))
+    k = max(0, min(pool, (3 * budget - pool) // 2))
+    return pool, k
+
+
+def token_scores(gate_act: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """``gated``: what a token ranks its pool by, ``|act(gate)|`` on the pool and -1 elsewhere
+    (``gate_act`` [T, D]: the activated gates; ``pool`` [T, D] bool)."""
+    return gate_act.float().abs().masked_fill(~pool, -1.0)
+
+
+def token_experts(gate_act: torch.Tensor, pool: torch.Tensor, k: int) -> torch.Tensor:
+    """``gated``: [T, D] bool, each token's ``k`` pool neurons of largest ``|act(gate)|``."""
+    idx = torch.topk(token_scores(gate_act, pool), k, dim=-1, sorted=False).indices
+    return torch.zeros_like(pool).scatter_(-1, idx, True)
 
 
 def prompt_contributions(z: torch.Tensor, sq_norms: torch.Tensor | None = None) -> torch.Tensor:

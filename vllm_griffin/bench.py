@@ -35,12 +35,34 @@ from pathlib import Path
 MODELS = {
     # name: (source, intermediate size override)
     "smollm2": ("smollm2-135m-instruct", None),
+    "qwen-coder": ("qwen2.5-coder-0.5b-instruct", None),
     "llama-1b": ("llama-1b", 8192),
     "llama-1b-half": ("llama-1b", 4096),
 }
 TWINS = {"llama-1b": "llama-1b-half"}
 MAX_PREFILL_ROUNDS = 32
 MAX_DECODE_ROUNDS = 12
+DENSE = ("full", 1.0)  # a cell: (method label, density); density 1.0 is vLLM's own MLP
+
+
+def parse_method(label: str) -> tuple[str, dict]:
+    """``--methods`` entries: a method name, optionally ``+refreshN`` (e.g. ``topk+refresh4``):
+    (method, extra request options)."""
+    from vllm_griffin.algorithm import METHODS
+    from vllm_griffin.config import GriffinConfigError, check_refresh
+
+    method, _, option = label.partition("+")
+    if method not in METHODS:
+        raise ValueError(f"--methods: {label!r} is invalid; allowed: {', '.join(METHODS)}, each optionally "
+                         "+refreshN (e.g. topk+refresh4)")
+    if not option:
+        return method, {}
+    if not option.startswith("refresh") or not option[len("refresh"):].isdigit():
+        raise ValueError(f"--methods: {label!r} is invalid; allowed after '+': refreshN with N an integer")
+    try:
+        return method, {"refresh": check_refresh(int(option[len("refresh"):]), "refresh", "--methods")}
+    except GriffinConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def random_llama_dir(intermediate: int) -> Path:
@@ -111,13 +133,16 @@ class Runner:
         return [TokensPrompt(prompt_token_ids=torch.randint(100, 40000, (self.args.prompt_len,), generator=gen).tolist())
                 for _ in range(batch)]
 
-    def params(self, density: float, max_tokens: int):
+    def params(self, cell: tuple[str, float], max_tokens: int):
         from vllm import SamplingParams
 
+        label, density = cell
+        method, options = ("topk", {}) if label == DENSE[0] else parse_method(label)
         return SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
-                              detokenize=False, extra_args={"griffin": {"density": density}})
+                              detokenize=False,
+                              extra_args={"griffin": {"density": density, "method": method, **options}})
 
-    def timed_steps(self, batch: int, density: float) -> tuple[float, float, int, list[float]]:
+    def timed_steps(self, batch: int, density: tuple[str, float]) -> tuple[float, float, int, list[float]]:
         """(seconds until every request has its first token, seconds after that,
         tokens generated after that, the seconds of each decode step in which every
         request got a token) for one batch, stepping the engine by hand."""
@@ -142,7 +167,7 @@ class Runner:
                 full_steps.append(time.perf_counter() - step_start)
         return prefilled - start, time.perf_counter() - prefilled, sum(lengths.values()) - at_prefilled, full_steps
 
-    def timed_prefill(self, batch: int, density: float) -> float:
+    def timed_prefill(self, batch: int, density: tuple[str, float]) -> float:
         """Seconds to run the batch's prompts and sample one token each (capture and
         selection included)."""
         engine = self.llm.llm_engine
@@ -155,7 +180,7 @@ class Runner:
             engine.step()
         return time.perf_counter() - start
 
-    def warm_up(self, batch: int, densities: list[float]) -> None:
+    def warm_up(self, batch: int, densities: list[tuple[str, float]]) -> None:
         """One untimed prefill and decode per density: first calls (allocations, the
         kernels' first use, each top-k size) are not measured."""
         for density in densities:
@@ -165,14 +190,15 @@ class Runner:
     def stats(self) -> dict:
         return self.llm.collective_rpc("griffin_stats")[0]
 
-    def measure(self, batch: int, densities: list[float]) -> list[dict]:
-        """Every density for one batch size, alternating over the repeats; medians."""
-        samples: dict[float, list[tuple[float, float, int]]] = {d: [] for d in densities}
-        prefills: dict[float, list[float]] = {d: [] for d in densities}
+    def measure(self, batch: int, densities: list[tuple[str, float]]) -> list[dict]:
+        """Every cell (method, density) for one batch size, alternating over the repeats; medians.
+        (The variables say "density" for a cell: most runs vary only that.)"""
+        samples: dict[tuple, list[tuple[float, float, int]]] = {d: [] for d in densities}
+        prefills: dict[tuple, list[float]] = {d: [] for d in densities}
         # The worker's own timers around GRIFFIN's prefill work (capture + selection) per
         # prefill: a figure this machine's slow spells barely move, beside the end-to-end one.
-        griffin_work: dict[float, list[float]] = {d: [] for d in densities}
-        paths: dict[float, dict[str, int]] = {d: {} for d in densities}
+        griffin_work: dict[tuple, list[float]] = {d: [] for d in densities}
+        paths: dict[tuple, dict[str, int]] = {d: {} for d in densities}
 
         def work(before: dict, after: dict) -> float:
             return sum(after[k] - before[k] for k in ("capture_seconds", "select_seconds"))
@@ -213,7 +239,8 @@ class Runner:
             steps = [t for *_, full in samples[density] for t in full]
             whole_runs = statistics.median(n / d for _, d, n, _ in samples[density])
             decode_tok_s = batch / statistics.median(steps) if steps else whole_runs
-            entry = {"model": self.name, "batch": batch, "density": density, "prefill_s": prefill,
+            entry = {"model": self.name, "batch": batch, "method": density[0], "density": density[1],
+                     "prefill_s": prefill,
                      "decode_tok_s": decode_tok_s, "decode_tok_s_whole_runs": whole_runs,
                      "decode_paths": paths[density], "samples": [s[:3] for s in samples[density]],
                      "step_seconds": steps, "prefill_samples": prefills[density],
@@ -222,7 +249,7 @@ class Runner:
                      # Per round (aligned across densities): the run's median full decode step.
                      "round_step_medians": [statistics.median(full) if full else None
                                             for *_, full in samples[density]]}
-            if density < 1.0:  # untimed: the same prompts once more, writing their experts
+            if density[1] < 1.0:  # untimed: the same prompts once more, writing their experts
                 self.llm.collective_rpc("griffin_export_to", args=(str(self.export_dir),))
                 outs = self.llm.generate(self.prompts(batch), self.params(density, 1), use_tqdm=False)
                 self.llm.collective_rpc("griffin_export_to", args=(None,))
@@ -243,12 +270,13 @@ def run(args) -> dict:
     for name in list(models):
         if name in TWINS and TWINS[name] not in models and 0.5 in args.densities:
             models.append(TWINS[name])
-    plan = [(m, b, [1.0] if m in TWINS.values() else [1.0, *args.densities]) for m in models for b in args.batch_sizes]
+    cells = [DENSE] + [(label, d) for label in args.methods for d in args.densities if d < 1.0]
+    plan = [(m, b, [DENSE] if m in TWINS.values() else cells) for m in models for b in args.batch_sizes]
     bar = tqdm(total=len(plan), desc="bench", unit="batch size")
     for name in models:
         with tempfile.TemporaryDirectory() as export_dir:
             runner = Runner(name, args, Path(export_dir))
-            runner.warm_up(min(args.batch_sizes), [1.0] if name in TWINS.values() else [1.0, *args.densities])
+            runner.warm_up(min(args.batch_sizes), [DENSE] if name in TWINS.values() else cells)
             for model, batch, densities in plan:
                 if model != name:
                     continue
@@ -269,13 +297,15 @@ def paired_ratio(numerators, denominators, fallback: float) -> float:
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    by_key = {(r["model"], r["batch"], r["density"]): r for r in runs}
+    # Runs from before methods were a bench axis carry no "method": they were topk.
+    by_key = {(r["model"], r["batch"], r.get("method", "topk") if r["density"] < 1.0 else DENSE[0], r["density"]): r
+              for r in runs}
     rows = []
-    for (model, batch, density), r in sorted(by_key.items()):
+    for (model, batch, method, density), r in sorted(by_key.items()):
         if density == 1.0 or model in TWINS.values():
             continue
-        dense = by_key[(model, batch, 1.0)]
-        row = {"model": model, "batch": batch, "density": density,
+        dense = by_key[(model, batch, *DENSE)]
+        row = {"model": model, "batch": batch, "method": method, "density": density,
                "dense_tok_s": dense["decode_tok_s"], "griffin_tok_s": r["decode_tok_s"],
                # Ratios paired by round (runs minutes apart see different machine speeds).
                "vs_dense": paired_ratio(dense.get("round_step_medians"), r.get("round_step_medians"),
@@ -285,7 +315,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                # GRIFFIN's prefill work as the worker timed it, over dense's prefill.
                "prefill_griffin_share": r.get("prefill_griffin_s", 0.0) / dense["prefill_s"],
                "union_fraction": r.get("union_fraction"), "decode_paths": r["decode_paths"]}
-        twin = by_key.get((TWINS.get(model), batch, 1.0))
+        twin = by_key.get((TWINS.get(model), batch, *DENSE))
         if twin is not None and density == 0.5:
             row["ceiling_vs_dense"] = twin["decode_tok_s"] / dense["decode_tok_s"]
             row["vs_ceiling"] = row["vs_dense"] / row["ceiling_vs_dense"]
@@ -294,12 +324,13 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| model | batch | density | dense tok/s | GRIFFIN tok/s | GRIFFIN/dense | ceiling/dense | "
+    lines = ["| model | batch | method | density | dense tok/s | GRIFFIN tok/s | GRIFFIN/dense | ceiling/dense | "
              "of ceiling | prefill overhead | capture + selection | union fraction |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
-        lines.append(f"| {r['model']} | {r['batch']} | {r['density']} | {r['dense_tok_s']:.2f} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r.get('method', 'topk')} | {r['density']} | "
+                     f"{r['dense_tok_s']:.2f} | "
                      f"{r['griffin_tok_s']:.2f} | {r['vs_dense']:.2f} | {fmt(r.get('ceiling_vs_dense'), '.2f')} | "
                      f"{fmt(r.get('vs_ceiling'), '.2f')} | {r['prefill_overhead'] * 100:+.1f} % | "
                      f"{r['prefill_griffin_share'] * 100:.1f} % | "
@@ -318,9 +349,12 @@ def plot(summary: list[dict], path: Path) -> bool:
     models = sorted({r["model"] for r in summary})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for density in sorted({r["density"] for r in summary if r["model"] == model}):
-            pts = sorted((r["batch"], r["vs_dense"]) for r in summary if r["model"] == model and r["density"] == density)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"density {density}")
+        cells = sorted({(r.get("method", "topk"), r["density"]) for r in summary if r["model"] == model})
+        for method, density in cells:
+            pts = sorted((r["batch"], r["vs_dense"]) for r in summary if r["model"] == model
+                         and r["density"] == density and r.get("method", "topk") == method)
+            label = f"density {density}" if len({m for m, _ in cells}) == 1 else f"{method} {density}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ceil = sorted((r["batch"], r["ceiling_vs_dense"]) for r in summary
                       if r["model"] == model and "ceiling_vs_dense" in r)
         if ceil:
@@ -342,6 +376,9 @@ def add_parser(sub) -> None:
                    help=f"comma-separated, from {', '.join(MODELS)} (a model's half-FF twin is added for d=0.5)")
     p.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--densities", type=lambda s: [float(v) for v in s.split(",")], default=[0.25, 0.5, 0.75])
+    p.add_argument("--methods", type=lambda s: s.split(","), default=["topk"],
+                   help="comma-separated selection methods, each at every density, optionally +refreshN "
+                        "(e.g. topk,gated,topk+refresh4); dense always runs beside them")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--dtype", default="float32")
@@ -365,6 +402,11 @@ def main(args) -> int:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model {unknown[0]!r}; allowed: {', '.join(MODELS)}")
+    for label in args.methods:
+        try:
+            parse_method(label)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))

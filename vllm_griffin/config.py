@@ -11,11 +11,14 @@ from typing import Any, Mapping
 from vllm_griffin.algorithm import METHODS
 
 CONFIG_KEY = "griffin"
-ENGINE_KEYS = ("density", "method", "densities", "seed", "tp_selection", "cuda_graphs")
+ENGINE_KEYS = ("density", "method", "densities", "seed", "tp_selection", "cuda_graphs", "refresh")
 # Tensor parallelism: "global" = the exact top-k over all ranks' neurons (what one
 # device selects); "per_rank" = floor(density * D/tp) from each rank's own slice.
 TP_SELECTIONS = ("global", "per_rank")
-REQUEST_KEYS = ("density", "method")
+REQUEST_KEYS = ("density", "method", "refresh")
+# Refresh intervals above this are "never" for any real generation; a bound keeps
+# typos (1e18) out of the arithmetic.
+MAX_REFRESH = 1_000_000
 # Flat spelling for the OpenAI server's `vllm_xargs`, which only carries scalars.
 FLAT_PREFIX = "griffin_"
 
@@ -43,6 +46,15 @@ def check_method(value: Any, key: str, where: str) -> str:
     return value
 
 
+def check_refresh(value: Any, key: str, where: str) -> int:
+    allowed = f"an integer 0 <= refresh <= {MAX_REFRESH} (0 = experts from the prompt only)"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REFRESH:
+        raise GriffinConfigError(key, value, allowed, where)
+    return value
+
+
 @dataclass(frozen=True)
 class GriffinConfig:
     density: float = 0.5
@@ -55,6 +67,9 @@ class GriffinConfig:
     # CUDA: run on Model Runner V2 with CUDA graphs (graph-safe decode path) instead of
     # the eager V1 runner. Off by default until it has run on a GPU here.
     cuda_graphs: bool = False
+    # Every `refresh` generated tokens, one token runs the full MLP, its activations join
+    # the statistic and the experts are re-selected (0: the paper, prompt only).
+    refresh: int = 0
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> GriffinConfig | None:
@@ -93,6 +108,8 @@ class GriffinConfig:
             if not isinstance(raw["cuda_graphs"], bool):
                 raise GriffinConfigError("cuda_graphs", raw["cuda_graphs"], "true or false", where)
             kwargs["cuda_graphs"] = raw["cuda_graphs"]
+        if "refresh" in raw:
+            kwargs["refresh"] = check_refresh(raw["refresh"], "refresh", where)
         return cls(**kwargs)
 
     def check_num_layers(self, num_layers: int) -> None:
@@ -111,10 +128,11 @@ class RequestOptions:
 
     density: float | None = None
     method: str | None = None
+    refresh: int | None = None
 
     @property
     def is_default(self) -> bool:
-        return self.density is None and self.method is None
+        return self.density is None and self.method is None and self.refresh is None
 
 
 def parse_request_options(extra_args: Mapping[str, Any] | None) -> RequestOptions:
@@ -141,14 +159,17 @@ def parse_request_options(extra_args: Mapping[str, Any] | None) -> RequestOption
             allowed = ", ".join(FLAT_PREFIX + k for k in REQUEST_KEYS)
             raise GriffinConfigError(flat_key, value, "keys " + allowed, where)
         found[key] = (flat_key, value)
-    density = method = None
+    density = method = refresh = None
+    if "refresh" in found:
+        name, value = found["refresh"]
+        refresh = check_refresh(_maybe_number(value), name, where)
     if "density" in found:
         name, value = found["density"]
         density = check_density(_maybe_number(value), name, where)
     if "method" in found:
         name, value = found["method"]
         method = check_method(value, name, where)
-    return RequestOptions(density=density, method=method)
+    return RequestOptions(density=density, method=method, refresh=refresh)
 
 
 def _maybe_number(value: Any) -> Any:

@@ -16,6 +16,12 @@ Outputs: a JSON file (settings, per-row outputs and scores, per-(setting,
 method, density) means), a markdown table beside it and a PNG of ROUGE-L vs
 density per method. ``--append`` merges a run into an existing JSON (same
 model, data and rows), so a sweep can be split into runs of a few minutes.
+
+The sweep machinery here (cells, per-request options, the engine run in chunks,
+``--append`` merging, the output files, the common command-line options) is
+shared with ``eval humaneval`` (:mod:`vllm_griffin.eval_humaneval`) and
+``eval chat`` (:mod:`vllm_griffin.eval_chat`): they differ only in their prompts
+and scores.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from vllm_griffin.algorithm import METHODS
 
@@ -132,27 +138,87 @@ class Job:
     row: int           # index into the loaded rows
 
 
-def plan_jobs(rows: list[dict], settings: list[str], methods: list[str], densities: list[float]) -> list[Job]:
-    """Every (setting, method, density, row); ``full`` and density 1.0 both mean dense, asked once.
-
-    A row's requests are adjacent, so with ``--prefix-caching`` its later requests
-    find the prompt's KV blocks (and their statistic rows) still cached."""
+def plan_cells(methods: list[str], densities: list[float]) -> list[tuple[str, float]]:
+    """The (method, density) cells of a sweep; ``full`` and density 1.0 both mean dense, asked once."""
     cells: list[tuple[str, float]] = []
     if FULL in methods or 1.0 in densities:
         cells.append((FULL, 1.0))
-    cells += [(m, d) for m in methods if m != FULL for d in densities if d < 1.0]
+    return cells + [(m, d) for m in methods if m != FULL for d in densities if d < 1.0]
+
+
+def plan_jobs(rows: list, settings: list[str], methods: list[str], densities: list[float]) -> list[Job]:
+    """Every (setting, method, density, row), dense once per row and setting.
+
+    A row's requests are adjacent, so with ``--prefix-caching`` its later requests
+    find the prompt's KV blocks (and their statistic rows) still cached."""
+    cells = plan_cells(methods, densities)
     return [Job(setting, m, d, r) for r in range(len(rows)) for setting in settings for m, d in cells]
 
 
-def sampling_params(job: Job, max_tokens: int, seed: int | None):
+def parse_request_options(text: str | None) -> dict[str, Any]:
+    """``--request-options JSON``: extra keys for every non-dense request's ``extra_args["griffin"]``.
+
+    Checked here with the engine's own parser (:func:`vllm_griffin.config.parse_request_options`),
+    so a key the plugin does not know fails before an engine starts, and keys the
+    plugin learns later work here without a change."""
+    if text is None:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"--request-options {text!r} is not JSON ({exc.msg}); allowed: a JSON object "
+                        "such as '{\"key\": value}'") from None
+    if not isinstance(options, dict):
+        raise EvalError(f"--request-options {text!r} is invalid; allowed: a JSON object such as '{{\"key\": value}}'")
+    for key in ("density", "method"):
+        if key in options:
+            raise EvalError(f"--request-options key {key!r} is invalid; allowed: keys other than density and "
+                            "method (--methods and --densities set those)")
+    from vllm_griffin.config import GriffinConfigError, parse_request_options as check
+
+    try:
+        check({"griffin": {**options, "density": 0.5, "method": "topk"}})
+    except GriffinConfigError as exc:
+        raise EvalError(f"--request-options: {exc}") from None
+    return options
+
+
+def griffin_extra(method: str, density: float, options: dict | None = None) -> dict:
+    """A request's ``extra_args``: ``full`` is density 1.0 (vLLM's own MLP) and takes no options."""
+    if method == FULL:
+        return {"griffin": {"density": 1.0, "method": "topk"}}
+    return {"griffin": {**(options or {}), "density": density, "method": method}}
+
+
+def options_label(options: dict | None) -> str:
+    """A cell's request options as compact JSON ("" for none): part of its key in merges and summaries."""
+    return json.dumps(options, sort_keys=True, separators=(",", ":")) if options else ""
+
+
+def cell_key(sample: dict, fields: tuple[str, ...] = ()) -> tuple:
+    """What makes two samples the same cell: ``fields`` (e.g. the setting), method, density, options."""
+    return tuple(sample[f] for f in fields) + (sample["method"], sample["density"],
+                                               options_label(sample.get("options")))
+
+
+def group_cells(samples: list[dict], fields: tuple[str, ...] = ()) -> list[tuple[tuple, list[dict]]]:
+    """Samples per cell, sorted by ``fields``, then density (dense last), method and options."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in samples:
+        groups.setdefault(cell_key(s, fields), []).append(s)
+    n = len(fields)
+    return sorted(groups.items(), key=lambda kv: (kv[0][:n], kv[0][n + 1], kv[0][n], kv[0][n + 2]))
+
+
+def sampling_params(job: Job, max_tokens: int, seed: int | None, *, stop: Iterable[str] = (STOP,),
+                    options: dict | None = None):
     from vllm import SamplingParams
 
-    extra = {"griffin": {"density": job.density, "method": "topk" if job.method == FULL else job.method}}
     # The same seed for a row in every cell: differences come from the experts, not the dice.
     # Greedy requests carry it too: GRIFFIN's random/sampling methods draw from it.
     request_seed = None if seed is None else seed + job.row
-    return SamplingParams(max_tokens=max_tokens, stop=[STOP], seed=request_seed, extra_args=extra,
-                          **SETTINGS[job.setting])
+    return SamplingParams(max_tokens=max_tokens, stop=list(stop), seed=request_seed,
+                          extra_args=griffin_extra(job.method, job.density, options), **SETTINGS[job.setting])
 
 
 def per_request_seeds_work() -> bool:
@@ -182,29 +248,27 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict[str
             for pred, ref in zip(predictions, references)]
 
 
-def agreement_with_dense(samples: list[dict]) -> None:
-    """Set each sample's ``rougeL_vs_full``: ROUGE-L of its summary against the dense
-    summary of the same row and setting. With a small model the reference summaries
-    match loosely and the mean over a few rows is noisy; closeness to dense is the
-    more direct measure of what GRIFFIN changed."""
-    dense = {(s["setting"], s["row"]): s["prediction"] for s in samples if s["method"] == FULL}
-    todo = [s for s in samples if (s["setting"], s["row"]) in dense]
-    scores = rouge_scores([s["prediction"] for s in todo], [dense[(s["setting"], s["row"])] for s in todo])
-    for s, score in zip(todo, scores):
-        # Two empty summaries agree fully; rouge-score would say 0.
-        same = s["prediction"].strip() == dense[(s["setting"], s["row"])].strip()
-        s["rougeL_vs_full"] = 100.0 if same else score["rougeL"]
+def agreement_with_dense(samples: list[dict], fields: tuple[str, ...] = ("setting", "row"),
+                         text: str = "prediction") -> None:
+    """Set each sample's ``rougeL_vs_full``: ROUGE-L of its ``text`` against the dense
+    output for the same ``fields`` (xsum: row and setting). With a small model the
+    reference summaries match loosely and the mean over a few rows is noisy;
+    closeness to dense is the more direct measure of what GRIFFIN changed."""
+    dense = {tuple(s[f] for f in fields): s[text] for s in samples if s["method"] == FULL}
+    todo = [(s, dense[key]) for s in samples if (key := tuple(s[f] for f in fields)) in dense]
+    scores = rouge_scores([s[text] for s, _ in todo], [ref for _, ref in todo])
+    for (s, ref), score in zip(todo, scores):
+        # Two empty outputs agree fully; rouge-score would say 0.
+        s["rougeL_vs_full"] = 100.0 if s[text].strip() == ref.strip() else score["rougeL"]
 
 
 def summarize(samples: list[dict]) -> list[dict]:
-    """Mean ROUGE per (setting, method, density), sorted."""
+    """Mean ROUGE per (setting, method, density, options), sorted."""
     agreement_with_dense(samples)
-    groups: dict[tuple, list[dict]] = {}
-    for s in samples:
-        groups.setdefault((s["setting"], s["method"], s["density"]), []).append(s)
     table = []
-    for (setting, method, density), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
-        entry = {"setting": setting, "method": method, "density": density, "rows": len(items)}
+    for (setting, method, density, _), items in group_cells(samples, ("setting",)):
+        entry = {"setting": setting, "method": method, "density": density, "options": items[0].get("options") or {},
+                 "rows": len(items)}
         for key in ROUGE_KEYS:
             entry[key] = sum(s[key] for s in items) / len(items)
         vs_full = [s["rougeL_vs_full"] for s in items if "rougeL_vs_full" in s]
@@ -228,87 +292,148 @@ def resolve_model(name_or_path: str) -> Path:
                     "or a Hugging Face model folder (with config.json)")
 
 
-def run_xsum(args: argparse.Namespace) -> dict:
-    settings = parse_list(args.setting, "setting", SETTINGS)
-    methods = parse_list(args.methods, "methods", EVAL_METHODS)
-    densities = parse_list(args.densities, "densities")
-    data = resolve_data(args.data)
-    rows = load_rows(data, args.limit, args.start)
-    model_path = resolve_model(args.model)
-    jobs = plan_jobs(rows, settings, methods, densities)
-    out = Path(args.out)
-    previous = _load_previous(out, args, data, rows) if args.append else None
+class Engine:
+    """One vLLM engine with GRIFFIN switched on for a whole sweep (every eval command).
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if args.export_experts:
-        os.environ["VLLM_GRIFFIN_EXPORT_DIR"] = str(Path(args.export_experts).resolve())
-    from tqdm import tqdm
-    from vllm import LLM
+    The engine-wide density is only a default: every request names its own method
+    and density. A context manager, so the engine core also stops when an input
+    check fails after the start."""
 
-    started = time.perf_counter()
-    llm = LLM(model=str(model_path), dtype=args.dtype, enforce_eager=True, gpu_memory_utilization=0.5,
-              max_model_len=args.max_model_len, seed=args.seed, enable_prefix_caching=args.prefix_caching,
-              additional_config={"griffin": {"density": 0.5}})
-    engine_s = time.perf_counter() - started
-    tokenizer = llm.get_tokenizer()
-    prompts = [r["article"] for r in rows]
-    too_long = [r["index"] for r, p in zip(rows, prompts)
-                if len(tokenizer(p).input_ids) + args.max_tokens > args.max_model_len]
-    if too_long:
-        raise EvalError(f"rows {too_long[:5]} need more than --max-model-len {args.max_model_len} tokens")
+    def __init__(self, model_path: Path, args: argparse.Namespace):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
 
-    seeds_ok = per_request_seeds_work()
-    outputs = []
-    gen_started = time.perf_counter()
-    with tqdm(total=len(jobs), desc=f"xsum {Path(args.model).name}", unit="req", file=sys.stderr) as bar:
-        for i in range(0, len(jobs), args.chunk):
-            chunk = jobs[i: i + args.chunk]
-            results = llm.generate([prompts[j.row] for j in chunk],
-                                   [sampling_params(j, args.max_tokens, args.seed if seeds_ok or
-                                                    j.setting == "greedy" else None) for j in chunk],
-                                   use_tqdm=False)
-            outputs += [(j, r) for j, r in zip(chunk, results)]
-            bar.update(len(chunk))
-    generate_s = time.perf_counter() - gen_started
-    llm.llm_engine.engine_core.shutdown()
+        started = time.perf_counter()
+        self.llm = LLM(model=str(model_path), dtype=args.dtype, enforce_eager=True, gpu_memory_utilization=0.5,
+                       max_model_len=args.max_model_len, seed=args.seed, enable_prefix_caching=args.prefix_caching,
+                       additional_config={"griffin": {"density": 0.5}})
+        self.start_s = time.perf_counter() - started
+        self.generate_s = 0.0
+        self.tokenizer = self.llm.get_tokenizer()
 
-    predictions = [clean_summary(r.outputs[0].text) for _, r in outputs]
-    scores = rouge_scores(predictions, [rows[j.row]["summary_gt"] for j, _ in outputs])
-    samples = [{"setting": j.setting, "method": j.method, "density": j.density, "row": rows[j.row]["index"],
-                "request_id": r.request_id, "generated_tokens": len(r.outputs[0].token_ids),
-                "prediction": p, **s}
-               for (j, r), p, s in zip(outputs, predictions, scores)]
-    run_info = {"settings": settings, "methods": methods, "densities": densities, "engine_start_s": round(engine_s, 1),
-                "generate_s": round(generate_s, 1), "requests": len(jobs),
-                "request_seeds": "all" if seeds_ok else "greedy only",
-                "command": "vllm-griffin " + " ".join(sys.argv[1:]) if args.record_command else None}
-    result = previous or {
-        "model": args.model, "data": str(data), "rows": [rows[0]["index"], rows[-1]["index"]],
-        "max_tokens": args.max_tokens, "dtype": args.dtype, "seed": args.seed, "settings": SETTINGS,
-        "stop": STOP, "rouge": "rouge-score F-measure x100, use_stemmer=True", "runs": [], "samples": []}
-    keys = {(s["setting"], s["method"], s["density"]) for s in samples}
-    result["samples"] = [s for s in result["samples"] if (s["setting"], s["method"], s["density"]) not in keys]
-    result["samples"] += samples
-    result["runs"].append(run_info)
-    result["summary"] = summarize(result["samples"])
-    write_outputs(result, out, args.plot)
-    return result
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+    def check_lengths(self, prompts: list, labels: list, max_tokens: int, max_model_len: int, what: str) -> None:
+        """Fail before generating when a prompt plus ``max_tokens`` does not fit the context."""
+        too_long = [label for label, p in zip(labels, prompts)
+                    if len(p["prompt_token_ids"] if isinstance(p, dict) else self.tokenizer(p).input_ids)
+                    + max_tokens > max_model_len]
+        if too_long:
+            raise EvalError(f"{what} {too_long[:5]} need more than --max-model-len {max_model_len} tokens "
+                            f"with --max-tokens {max_tokens}; allowed: a larger --max-model-len or fewer tokens")
+
+    def generate(self, prompts: list, params: list, chunk: int, desc: str) -> list:
+        """All requests in ``llm.generate`` calls of ``chunk``, with a progress bar on stderr."""
+        from tqdm import tqdm
+
+        started = time.perf_counter()
+        outputs: list = []
+        with tqdm(total=len(prompts), desc=desc, unit="req", file=sys.stderr) as bar:
+            for i in range(0, len(prompts), chunk):
+                outputs += self.llm.generate(prompts[i: i + chunk], params[i: i + chunk], use_tqdm=False)
+                bar.update(len(prompts[i: i + chunk]))
+        self.generate_s += time.perf_counter() - started
+        return outputs
 
 
-def _load_previous(out: Path, args, data: Path, rows: list[dict]) -> dict | None:
+def run_info(args: argparse.Namespace, engine: Engine, requests: int, options: dict, **fields) -> dict:
+    """One run's record in the JSON's ``runs``: what it swept, its wall times and its command."""
+    return {**fields, "request_options": options or None,
+            "engine_start_s": round(engine.start_s, 1), "generate_s": round(engine.generate_s, 1),
+            "requests": requests,
+            "command": "vllm-griffin " + " ".join(sys.argv[1:]) if getattr(args, "record_command", True) else None}
+
+
+def load_previous(out: Path, identity: dict[str, Any]) -> dict | None:
+    """``--append``: the existing result at ``out``, which must match ``identity`` (model, rows, ...)."""
     if not out.is_file():
         return None
     previous = json.loads(out.read_text())
-    mine = {"model": args.model, "rows": [rows[0]["index"], rows[-1]["index"]], "max_tokens": args.max_tokens,
-            "dtype": args.dtype, "seed": args.seed}
-    for key, value in mine.items():
+    for key, value in identity.items():
         if previous.get(key) != value:
             raise EvalError(f"--append: {out} has {key}={previous.get(key)!r}, this run has {value!r}; "
                             "use another --out or the same settings")
     return previous
 
 
+def merge_samples(result: dict, samples: list[dict], run: dict, fields: tuple[str, ...] = ()) -> dict:
+    """Put a run's samples into ``result``, replacing the cells it ran again, and record the run."""
+    keys = {cell_key(s, fields) for s in samples}
+    result["samples"] = [s for s in result["samples"] if cell_key(s, fields) not in keys] + samples
+    result["runs"].append(run)
+    return result
+
+
+def run_xsum(args: argparse.Namespace) -> dict:
+    settings = parse_list(args.setting, "setting", SETTINGS)
+    methods = parse_list(args.methods, "methods", EVAL_METHODS)
+    densities = parse_list(args.densities, "densities")
+    options = parse_request_options(args.request_options)
+    data = resolve_data(args.data)
+    rows = load_rows(data, args.limit, args.start)
+    model_path = resolve_model(args.model)
+    jobs = plan_jobs(rows, settings, methods, densities)
+    out = Path(args.out)
+    previous = load_previous(out, {
+        "model": args.model, "rows": [rows[0]["index"], rows[-1]["index"]], "max_tokens": args.max_tokens,
+        "dtype": args.dtype, "seed": args.seed}) if args.append else None
+
+    if args.export_experts:
+        os.environ["VLLM_GRIFFIN_EXPORT_DIR"] = str(Path(args.export_experts).resolve())
+    prompts = [r["article"] for r in rows]
+    with Engine(model_path, args) as engine:
+        seeds_ok = per_request_seeds_work()
+        engine.check_lengths(prompts, [r["index"] for r in rows], args.max_tokens, args.max_model_len, "rows")
+        outputs = engine.generate(
+            [prompts[j.row] for j in jobs],
+            [sampling_params(j, args.max_tokens, args.seed if seeds_ok or j.setting == "greedy" else None,
+                             options=options) for j in jobs],
+            args.chunk, f"xsum {Path(args.model).name}")
+
+    predictions = [clean_summary(r.outputs[0].text) for r in outputs]
+    scores = rouge_scores(predictions, [rows[j.row]["summary_gt"] for j in jobs])
+    samples = [{"setting": j.setting, "method": j.method, "density": j.density,
+                "options": {} if j.method == FULL else options, "row": rows[j.row]["index"],
+                "request_id": r.request_id, "generated_tokens": len(r.outputs[0].token_ids),
+                "prediction": p, **s}
+               for j, r, p, s in zip(jobs, outputs, predictions, scores)]
+    run = run_info(args, engine, len(jobs), options, settings=settings, methods=methods, densities=densities,
+                   request_seeds="all" if seeds_ok else "greedy only")
+    result = previous or {
+        "model": args.model, "data": str(data), "rows": [rows[0]["index"], rows[-1]["index"]],
+        "max_tokens": args.max_tokens, "dtype": args.dtype, "seed": args.seed, "settings": SETTINGS,
+        "stop": STOP, "rouge": "rouge-score F-measure x100, use_stemmer=True", "runs": [], "samples": []}
+    merge_samples(result, samples, run, ("setting",))
+    result["summary"] = summarize(result["samples"])
+    write_outputs(result, out, args.plot)
+    return result
+
+
 # -- outputs ---------------------------------------------------------------------------
+
+
+def method_label(entry: dict) -> str:
+    """How tables and plots name a cell: its method, with its request options when it has some."""
+    label = options_label(entry.get("options"))
+    return f"{entry['method']} {label}" if label else entry["method"]
+
+
+def method_order(labels: Iterable[str]) -> list[str]:
+    """Method labels in ``EVAL_METHODS`` order (unknown methods last), each method's variants together."""
+    def rank(label: str) -> tuple:
+        method = label.split(" ")[0]
+        return (EVAL_METHODS.index(method) if method in EVAL_METHODS else len(EVAL_METHODS), label)
+
+    return sorted(set(labels), key=rank)
 
 
 def markdown_table(result: dict) -> str:
@@ -318,8 +443,8 @@ def markdown_table(result: dict) -> str:
     for e in result["summary"]:
         kept = f"{100 * e['rougeL_retained']:.0f} %" if e["rougeL_retained"] is not None else ""
         agree = f"{e['rougeL_vs_full']:.1f}" if e.get("rougeL_vs_full") is not None else ""
-        lines.append(f"| {e['setting']} | {e['method']} | {e['density']:g} | {e['rouge1']:.2f} | {e['rouge2']:.2f} | "
-                     f"{e['rougeL']:.2f} | {kept} | {agree} | {e['rows']} |")
+        lines.append(f"| {e['setting']} | {method_label(e)} | {e['density']:g} | {e['rouge1']:.2f} | "
+                     f"{e['rouge2']:.2f} | {e['rougeL']:.2f} | {kept} | {agree} | {e['rows']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -336,32 +461,38 @@ def pivot_table(result: dict) -> str:
             head += (f": dense ROUGE-1 / 2 / L = {dense['rouge1']:.2f} / {dense['rouge2']:.2f} / {dense['rougeL']:.2f}")
         out += [head, "", "| method | " + " | ".join(f"d = {d:g}" for d in densities) + " |",
                 "|---|" + "---|" * len(densities)]
-        for method in [m for m in EVAL_METHODS if m != FULL]:
+        for label in method_order(method_label(e) for e in entries if e["method"] != FULL):
             cells = []
             for d in densities:
-                e = next((e for e in entries if e["method"] == method and e["density"] == d), None)
+                e = next((e for e in entries if method_label(e) == label and e["density"] == d), None)
                 if e is None:
                     cells.append("")
                     continue
                 kept = f"{100 * e['rougeL_retained']:.0f} %" if e["rougeL_retained"] is not None else "-"
                 agree = f"; {e['rougeL_vs_full']:.1f}" if e.get("rougeL_vs_full") is not None else ""
                 cells.append(f"{e['rougeL']:.2f} ({kept}{agree})")
-            if any(cells):
-                out.append(f"| {method} | " + " | ".join(cells) + " |")
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 
 
-def write_outputs(result: dict, out: Path, plot: bool = True) -> None:
+def write_result(result: dict, out: Path, markdown: str, plotter: Callable[[dict, Path], Any] | None) -> None:
+    """Every eval command's files: the JSON, the markdown beside it, the PNG when ``plotter``; the
+    markdown is printed too."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown_table(result) + "\n" + pivot_table(result))
-    if plot:
-        from vllm_griffin.plots import plot_rouge_vs_density
+    out.with_suffix(".md").write_text(markdown)
+    if plotter is not None:
+        plotter(result, out.with_suffix(".png"))
+    print(markdown)
+    print(f"wrote {out}, {out.with_suffix('.md')}" + (f", {out.with_suffix('.png')}" if plotter else ""))
 
-        plot_rouge_vs_density(result, out.with_suffix(".png"))
-    print(markdown_table(result))
-    print(f"wrote {out}, {out.with_suffix('.md')}" + (f", {out.with_suffix('.png')}" if plot else ""))
+
+def write_outputs(result: dict, out: Path, plot: bool = True) -> None:
+    from vllm_griffin.plots import plot_rouge_vs_density
+
+    write_result(result, out, markdown_table(result) + "\n" + pivot_table(result),
+                 plot_rouge_vs_density if plot else None)
 
 
 # -- command line ----------------------------------------------------------------------
@@ -375,46 +506,69 @@ def resummarize(path: Path, plot: bool = True) -> dict:
     return result
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="quality evaluation (ROUGE on XSum) through vLLM with GRIFFIN")
-    tasks = p.add_subparsers(dest="task", required=True)
-    x = tasks.add_parser("xsum", help="1-shot XSum summaries: ROUGE-1/2/L per method and density")
-    x.add_argument("--model", required=True, help="embedded model name (smollm2-135m-instruct, gemma-3-270m) or HF folder")
-    x.add_argument("--data", default=None, help=f"JSONL with article/summary_gt (default: ../{DEFAULT_DATA_NAME})")
-    x.add_argument("--limit", type=int, default=None, help="rows to evaluate (default: all)")
-    x.add_argument("--start", type=int, default=0, help="first row")
-    x.add_argument("--setting", default="paper,greedy", help="comma list of: " + ", ".join(SETTINGS))
-    x.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma list of: " + ", ".join(EVAL_METHODS))
-    x.add_argument("--densities", default=",".join(map(str, DEFAULT_DENSITIES)), help="comma list, 0 < d <= 1")
-    x.add_argument("--max-tokens", type=int, default=128, help="new tokens per summary (paper: 128)")
-    x.add_argument("--seed", type=int, default=0, help="request seed = seed + row (paper setting)")
-    x.add_argument("--dtype", default="float32", help="engine dtype (float32: comparable with the HF oracle)")
-    x.add_argument("--max-model-len", type=int, default=2048)
-    x.add_argument("--chunk", type=int, default=64, help="requests per generate call (progress granularity)")
-    x.add_argument("--out", default="eval_xsum.json", help="JSON path; .md and .png are written beside it")
-    x.add_argument("--append", action="store_true", help="merge into an existing --out (same model/rows/settings)")
-    x.add_argument("--no-plot", dest="plot", action="store_false")
+def add_sweep_arguments(p: argparse.ArgumentParser, *, unit: str, max_tokens: int, out: str,
+                        methods: Iterable[str] = DEFAULT_METHODS,
+                        densities: Iterable[float] = DEFAULT_DENSITIES) -> None:
+    """The options every engine-backed eval command shares (model, rows, cells, engine, outputs)."""
+    from vllm_griffin.models import MODELS
+
+    one = unit[:-1]  # "rows" -> "row"
+    p.add_argument("--model", required=True, help=f"embedded model name ({', '.join(sorted(MODELS))}) or HF folder")
+    p.add_argument("--limit", type=int, default=None, help=f"{unit} to evaluate (default: all)")
+    p.add_argument("--start", type=int, default=0, help=f"first of the {unit} (0-based)")
+    p.add_argument("--methods", default=",".join(methods), help="comma list of: " + ", ".join(EVAL_METHODS))
+    p.add_argument("--densities", default=",".join(map(str, densities)), help="comma list, 0 < d <= 1")
+    p.add_argument("--request-options", default=None, metavar="JSON",
+                   help="JSON object merged into every non-dense request's extra_args['griffin'] "
+                        "(recorded in the JSON; default: none)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens per request (default {max_tokens})")
+    p.add_argument("--seed", type=int, default=0, help=f"engine seed; request seed = seed + {one} index")
+    p.add_argument("--dtype", default="float32", help="engine dtype (float32: comparable with the HF oracle)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--chunk", type=int, default=64, help="requests per generate call (progress granularity)")
+    p.add_argument("--out", default=out, help="JSON path; .md and .png are written beside it")
+    p.add_argument("--append", action="store_true", help=f"merge into an existing --out (same model/{unit}/settings)")
+    p.add_argument("--no-plot", dest="plot", action="store_false")
     # A row's requests share its prompt: with prefix caching (exact under GRIFFIN: cached
     # blocks carry their statistic) each prompt is prefilled about once instead of per cell.
-    x.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="share cached prompt blocks between a row's requests (default: on)")
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"share cached prompt blocks between the requests of a {one} (default: on)")
+
+
+def cli_runner(run: Callable[[argparse.Namespace], dict]) -> Callable[[argparse.Namespace], int]:
+    """An eval command's CLI body: bad counts and :class:`EvalError` print the message and give exit 2."""
+    def cli(args: argparse.Namespace) -> int:
+        for name, value, allowed in (("--limit", args.limit, "a positive number"),
+                                     ("--max-tokens", args.max_tokens, ">= 1"),
+                                     ("--chunk", args.chunk, ">= 1")):
+            if value is not None and value < 1:
+                print(f"error: {name} {value} is invalid; allowed: {allowed}", file=sys.stderr)
+                return 2
+        try:
+            run(args)
+        except EvalError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    return cli
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="quality evaluation through vLLM with GRIFFIN (XSum ROUGE, HumanEval pass@1, "
+                                    "chat degeneration)")
+    tasks = p.add_subparsers(dest="task", required=True)
+    x = tasks.add_parser("xsum", help="1-shot XSum summaries: ROUGE-1/2/L per method and density")
+    add_sweep_arguments(x, unit="rows", max_tokens=128, out="eval_xsum.json")
+    x.add_argument("--data", default=None, help=f"JSONL with article/summary_gt (default: ../{DEFAULT_DATA_NAME})")
+    x.add_argument("--setting", default="paper,greedy", help="comma list of: " + ", ".join(SETTINGS))
     x.add_argument("--export-experts", default=None, help="also write every request's experts to this folder")
     x.set_defaults(func=_cli_xsum, record_command=True)
-    from vllm_griffin import drift
+    from vllm_griffin import drift, eval_chat, eval_humaneval
 
+    eval_humaneval.add_parser(tasks)
+    eval_chat.add_parser(tasks)
     drift.add_parser(tasks)
 
 
-def _cli_xsum(args) -> int:
-    if args.limit is not None and args.limit < 1:
-        print(f"error: --limit {args.limit} is invalid; allowed: a positive number of rows", file=sys.stderr)
-        return 2
-    if args.max_tokens < 1:
-        print(f"error: --max-tokens {args.max_tokens} is invalid; allowed: >= 1", file=sys.stderr)
-        return 2
-    try:
-        run_xsum(args)
-    except EvalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+_cli_xsum = cli_runner(run_xsum)

@@ -379,6 +379,7 @@ class _GriffinWorkerMixin:
             "select_seconds": state.select_seconds,
             "restarts": state.restarts,
             "multi_token_decode_rows": state.multi_token_decode_rows,
+            "refresh_tokens": state.refresh_tokens,
             "prefix_hits": state.prefix_hits,
             "prefix_hit_tokens": state.prefix_hit_tokens,
             "block_stats_blocks": 0 if state.block_stats is None else state.block_stats.shape[1],

@@ -176,8 +176,31 @@ class GriffinMLP(nn.Module):
         if fn is None:
             fn = self._masked_fns[gate_up.dtype] = ops.masked_activation_fn(gate_up.device, gate_up.dtype,
                                                                             self.activation, self._act_fn)
+        if plan.sparse_token_k is not None:
+            keep = self._token_experts(gate_up, plan)
+            return fn(gate_up, keep, torch.arange(keep.shape[0], device=keep.device))
         # The plan's slots come from the slot pool: always rows of the masks.
         return fn(gate_up, self.state.masks[self.layer_index], plan.sparse_slot)
+
+    def _token_experts(self, gate_up: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """[T, D] bool: the experts of each sparse row this step. A ``gated`` row keeps the
+        neurons of its pool whose activated gate is largest; other rows keep their experts."""
+        layer = self.layer_index
+        keep = self.state.sparse_masks(layer, plan).clone()  # the pools (a step buffer: copied)
+        token_k = plan.sparse_token_k[layer]
+        width = keep.shape[-1]
+        if self.spec.gated:
+            # act(gate) alone, by the model's own act-and-mul with an `up` of ones.
+            gate = gate_up[:, :width]
+            gate_act = self._act_fn(torch.cat([gate, torch.ones_like(gate)], dim=-1))
+        else:
+            gate_act = self._act_fn(gate_up)
+        for k in token_k.unique().tolist():
+            if k == 0:
+                continue  # rows of other methods
+            rows = (token_k == k).nonzero().flatten()
+            keep[rows] = algorithm.token_experts(gate_act[rows], keep[rows], k)
+        return keep
 
     def _run_experts(self, xs: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Each decode row through its own experts, by the path the cost model picks."""
@@ -191,6 +214,11 @@ class GriffinMLP(nn.Module):
             gate_up, _ = self._gate_up_fn(xs)
             out, _ = self._down_fn(self._masked_activation(gate_up, plan))
             return out
+        if path == "gated_rows":
+            from vllm_griffin.ops.cpu_kernel import gated_experts_cpu
+
+            k = int(plan.sparse_token_k[layer][0])
+            return gated_experts_cpu(xs, self.expert_weights, self.state.sparse_masks(layer, plan), k, self.activation)
         experts, counts = self.state.sparse_experts(layer, plan)
         if path in ("rows", "union"):
             from vllm_griffin.ops.cpu_kernel import experts_mlp_cpu

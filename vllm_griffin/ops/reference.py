@@ -123,6 +123,29 @@ def experts_mlp_masked(x, weights: ExpertWeights, experts, counts, act_and_mul: 
     return out if weights.down_bias is None else out + weights.down_bias
 
 
+def gated_experts_reference(x, weights: ExpertWeights, pool: torch.Tensor, k: int,
+                            act_and_mul: ActAndMul) -> torch.Tensor:
+    """The ``gated`` method's decode MLP, dense and masked: each row keeps the ``k`` neurons of
+    its ``pool`` ([T, D] bool) whose activated gate is largest (algorithm.token_experts)."""
+    from vllm_griffin.algorithm import token_experts
+
+    x = x.to(weights.gate.dtype)
+    gate = x @ weights.gate.t()
+    if weights.gate_bias is not None:
+        gate = gate + weights.gate_bias
+    if weights.gated:
+        up = x @ weights.up.t()
+        if weights.up_bias is not None:
+            up = up + weights.up_bias
+        gate_act = act_and_mul(torch.cat([gate, torch.ones_like(gate)], dim=-1))
+        z = act_and_mul(torch.cat([gate, up], dim=-1))
+    else:
+        z = gate_act = act_and_mul(gate)
+    z = z * token_experts(gate_act, pool, k).to(z.dtype)
+    out = z @ weights.down_t
+    return out if weights.down_bias is None else out + weights.down_bias
+
+
 def _gated_biases(width: int, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None) -> dict:
     """vLLM's merged [2D] gate_up bias split like its weight, plus down's [H] bias."""
     if b_gate_up is None:
