@@ -40,6 +40,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
+    from vllm_griffin import algorithm
     from vllm_griffin.config import GriffinConfig
     from vllm_griffin.eval_chat import is_degenerate
     from vllm_griffin.models import prepare_model
@@ -49,12 +50,17 @@ def main() -> None:
     print(f"model {args.model} ({model_dir}); starting vLLM with GRIFFIN on ...", flush=True)
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=2048, gpu_memory_utilization=0.5,
               enforce_eager=True, additional_config={"griffin": griffin})
-    method = args.method or GriffinConfig().method
+    if args.method:
+        method = args.method
+    else:  # what a user who sets nothing gets
+        default = GriffinConfig()
+        refresh = algorithm.DEFAULT_REFRESH.get(default.method, 0) if default.refresh is None else default.refresh
+        method = f"default: {default.method}" + (f", refresh {refresh}" if refresh else "")
     tokenizer = llm.get_tokenizer()
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True) for q in QUESTIONS]
 
-    settings = [("dense", 1.0)] + [(f"GRIFFIN {method}, density {d:g}", d) for d in densities]
+    settings = [("dense", 1.0)] + [(f"GRIFFIN ({method}) at density {d:g}", d) for d in densities]
     results = {}
     llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up, untimed
     for label, density in settings:

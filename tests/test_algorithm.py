@@ -201,7 +201,7 @@ def test_engine_state_selects_topk_magnitude_like_the_definition():
     from vllm_griffin.state import GriffinState, StepRow
 
     layers, width = 2, 16
-    state = GriffinState(GriffinConfig(), layers, width, torch.device("cpu"), max_seqs=4)
+    state = GriffinState(GriffinConfig(method="topk"), layers, width, torch.device("cpu"), max_seqs=4)
     gen = torch.Generator().manual_seed(0)
     state.static_scores.copy_(torch.rand(layers, width, generator=gen) + 0.5)
     state.static_scores[:, 3] = 20.0  # neuron 3: huge weights, never active in the prompt

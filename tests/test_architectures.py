@@ -82,7 +82,7 @@ def test_architecture_parity(arch, engines, tmp_path_factory):
         reference = tokens_and_logprobs(run(plain, logprobs=5))
 
     griffin = engines.get(f"{arch}-griffin", env={"VLLM_GRIFFIN_EXPORT_DIR": str(export_dir)},
-                          additional_config={"griffin": {"density": 0.5}}, **common)
+                          additional_config={"griffin": {"density": 0.5, "method": "topk"}}, **common)
     dense = tokens_and_logprobs(run(griffin, density=1.0, logprobs=5))
     if reference is not None:
         assert dense == reference

@@ -32,7 +32,7 @@ def test_missing_runner_hook_fails_griffin_engine_config_naming_version_and_hook
     vllm_griffin.register()
     monkeypatch.delattr(GPUModelRunner, "_on_request_state_removed")
     args = EngineArgs(model=str(tiny_llama_dir), skip_tokenizer_init=True, dtype="float32",
-                      additional_config={"griffin": {"density": 0.5}})
+                      additional_config={"griffin": {"density": 0.5, "method": "topk"}})
     with pytest.raises(GriffinCompatError) as info:
         args.create_engine_config()
     message = str(info.value)

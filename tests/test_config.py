@@ -16,7 +16,9 @@ def test_absent_griffin_key_means_off():
 
 
 def test_defaults_and_values():
-    assert GriffinConfig.from_additional_config({"griffin": {}}) == GriffinConfig(0.5, "topk", None, 0)
+    # The default: gated with its own refresh interval (None: the method's, algorithm.DEFAULT_REFRESH).
+    assert GriffinConfig.from_additional_config({"griffin": {}}) == GriffinConfig(0.5, "gated", None, 0)
+    assert GriffinConfig().method == "gated" and GriffinConfig().refresh is None
     cfg = GriffinConfig.from_additional_config(
         {"griffin": {"density": 0.25, "method": "magnitude", "densities": [0.5, 1], "seed": 7}})
     assert cfg == GriffinConfig(0.25, "magnitude", (0.5, 1.0), 7)
@@ -69,7 +71,7 @@ def test_bad_request_values(extra, key):
 
 
 def test_refresh_engine_and_request_values():
-    assert GriffinConfig.from_additional_config({"griffin": {}}).refresh == 0
+    assert GriffinConfig.from_additional_config({"griffin": {}}).refresh is None
     assert GriffinConfig.from_additional_config({"griffin": {"refresh": 8, "method": "gated"}}).refresh == 8
     assert GriffinConfig.from_additional_config({"griffin": {"refresh": 8.0}}).refresh == 8  # JSON numbers
     assert parse_request_options({"griffin": {"refresh": 4}}) == RequestOptions(refresh=4)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_compiled_engine_matches_oracle(engines, tiny_llama_dir):
     llm = engines.get("tiny-griffin-compiled", model=str(tiny_llama_dir), skip_tokenizer_init=True,
                       max_model_len=512, max_num_batched_tokens=16, max_num_seqs=8, enforce_eager=False,
-                      additional_config={"griffin": {"density": 0.5}})
+                      additional_config={"griffin": {"density": 0.5, "method": "topk"}})
     assert llm.llm_engine.vllm_config.compilation_config.mode != 0
     model = hf_model(tiny_llama_dir)
     prompts = make_prompts([5, 33, 21, 12], seed=7)

@@ -29,7 +29,7 @@ PREEMPT_LENGTHS = [40, 55, 70, 48]
 def engine_kwargs(model_dir, **extra):
     base = dict(model=str(model_dir), skip_tokenizer_init=True, max_model_len=256,
                 max_num_batched_tokens=32, max_num_seqs=8,
-                additional_config={"griffin": {"density": DENSITY}})
+                additional_config={"griffin": {"density": DENSITY, "method": "topk"}})
     return {**base, **extra}
 
 

@@ -64,7 +64,7 @@ def engine_kwargs(model_dir, **extra):
 def get_engine(engines, name, model_dir, export_dir=None):
     if name == "griffin":
         return engines.get("tiny-griffin", env={"VLLM_GRIFFIN_EXPORT_DIR": str(export_dir)},
-                           **engine_kwargs(model_dir, additional_config={"griffin": {"density": 0.5}}))
+                           **engine_kwargs(model_dir, additional_config={"griffin": {"density": 0.5, "method": "topk"}}))
     if name == "plain":
         # VLLM_PLUGINS="" loads no general plugin in the engine: vLLM exactly as shipped.
         return engines.get("tiny-plain", env={"VLLM_PLUGINS": ""}, **engine_kwargs(model_dir))

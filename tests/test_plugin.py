@@ -60,7 +60,7 @@ def test_unsupported_architecture_lists_the_supported_ones(engines, tmp_path):
 
     supported = ", ".join(sorted(ARCHITECTURES))
     with pytest.raises(ValueError, match=r"does not support architecture \['GPT2LMHeadModel'\]; supported: ") as info:
-        start(tmp_path, additional_config={"griffin": {"density": 0.5}})
+        start(tmp_path, additional_config={"griffin": {"density": 0.5, "method": "topk"}})
     assert str(info.value).endswith(supported) and "OPTForCausalLM" in supported
 
 
@@ -73,7 +73,11 @@ def test_make_demo_runs_to_the_end(engines):
         proc = subprocess.run(["make", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "demo finished" in proc.stdout
-    assert proc.stdout.count("GRIFFIN (density 0.5)") >= 3
+    # Each question answered dense and by the default method at 0.75 and 0.5, with speeds.
+    for label in ("--- dense", "--- GRIFFIN (default: gated, refresh 4) at density 0.75",
+                  "--- GRIFFIN (default: gated, refresh 4) at density 0.5"):
+        assert proc.stdout.count(label) == 4, label
+    assert proc.stdout.count("tok/s (batch of 4") == 3
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -83,4 +87,4 @@ def test_make_demo_runs_to_the_end(engines):
 def test_quantization_and_lora_are_refused_at_startup(engines, tiny_llama_dir, kwargs, message):
     engines.close()
     with pytest.raises(ValueError, match=message):
-        start(tiny_llama_dir, additional_config={"griffin": {"density": 0.5}}, **kwargs)
+        start(tiny_llama_dir, additional_config={"griffin": {"density": 0.5, "method": "topk"}}, **kwargs)

@@ -65,7 +65,7 @@ def _config(graphs: bool):
 
 
 def _model_state(graphs=True):
-    griffin = GriffinState(GriffinConfig(density=0.5), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
+    griffin = GriffinState(GriffinConfig(density=0.5, method="topk"), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
     model = types.SimpleNamespace(griffin_state=griffin)
     cls = griffin_model_state_cls(_VllmState)
     return cls(_config(graphs), model, None, torch.device("cpu")), griffin

@@ -264,7 +264,7 @@ def wait_for_metric(server, name, expected, timeout=30.0):
 def server(engines, smollm2_dir):
     engines.close()  # the session's in-process engine holds the engine lock
     srv = Server([str(VENV_BIN / "vllm"), "serve", str(smollm2_dir), "--served-model-name", MODEL_NAME,
-                  "--additional-config", json.dumps({"griffin": {"density": 0.5}}), *SERVER_FLAGS],
+                  "--additional-config", json.dumps({"griffin": {"density": 0.5, "method": "topk"}}), *SERVER_FLAGS],
                  "additional-config").start()
     yield srv
     srv.stop()

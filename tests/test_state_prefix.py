@@ -22,7 +22,7 @@ def seeded():
 
 
 def make_state(**cfg):
-    state = GriffinState(GriffinConfig(**cfg), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
+    state = GriffinState(GriffinConfig(**{"method": "topk", **cfg}), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
     state.enable_block_stats(num_blocks=32, block_size=BLOCK)
     return state
 
@@ -100,7 +100,7 @@ def test_dense_and_magnitude_requests_fill_block_rows_too():
 
 
 def test_hit_without_block_rows_fails_loudly():
-    state = GriffinState(GriffinConfig(), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
+    state = GriffinState(GriffinConfig(method="topk"), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
     with pytest.raises(RuntimeError, match="skipped prompt tokens"):
         state.plan_step([StepRow("a", 40, 16, 8, block_ids=[1, 2, 3, 4])])
 

@@ -69,6 +69,7 @@ def seeded():
 def make_ranks(selection, tmp_path=None, **cfg):
     global group
     group = Collectives()
+    cfg = {"method": "topk", **cfg}
     return [GriffinState(GriffinConfig(**cfg), LAYERS, WIDTH // RANKS, torch.device("cpu"), max_seqs=4,
                          export_dir=tmp_path, export_enabled=rank == 0,
                          tp=TensorParallel(rank, RANKS, selection=selection, **group.for_rank(rank)))
@@ -151,3 +152,13 @@ def test_other_methods_pick_the_same_global_experts_on_every_rank(method):
         assert len(set(got.tolist())) == WIDTH // 2  # disjoint slices, k in total
         if method == "magnitude":
             assert sorted(got.tolist()) == list(range(WIDTH // 2, WIDTH))
+
+
+def test_the_default_gated_runs_topk_under_tensor_parallelism():
+    """Per-token gating needs every neuron's gate on one device: under TP the default method
+    (gated, refresh 4) runs the paper's topk without refreshes, with one warning."""
+    states = make_ranks("global", method="gated")
+    prefill(states, torch.randn(9, WIDTH))
+    for state in states:
+        req = state.requests["a"]
+        assert (req.method, req.refresh, req.token_k) == ("topk", 0, None) and state._warned_gated

@@ -46,6 +46,8 @@ MAGNITUDE_PRIOR_WEIGHT = 0.5
 # interval it stands for) is added. 1.0: the statistic over the whole text so far
 # (0.5 screened worse on the HumanEval tuning split: docs/quality.md).
 REFRESH_DECAY = 1.0
+# A method's refresh interval when neither the engine config nor the request sets one.
+DEFAULT_REFRESH = {"gated": 4}
 # Methods that move experts between layers (same total, so the same decode cost).
 FIRST_LAYER_METHODS = frozenset({"topk_down_first_dense"})
 

@@ -140,7 +140,7 @@ class Runner:
         method, options = ("topk", {}) if label == DENSE[0] else parse_method(label)
         return SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
                               detokenize=False,
-                              extra_args={"griffin": {"density": density, "method": method, **options}})
+                              extra_args={"griffin": {"density": density, "method": method, "refresh": 0, **options}})
 
     def timed_steps(self, batch: int, density: tuple[str, float]) -> tuple[float, float, int, list[float]]:
         """(seconds until every request has its first token, seconds after that,

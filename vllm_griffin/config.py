@@ -58,7 +58,9 @@ def check_refresh(value: Any, key: str, where: str) -> int:
 @dataclass(frozen=True)
 class GriffinConfig:
     density: float = 0.5
-    method: str = "topk"
+    # `gated` with refreshes (docs/quality.md): the method that keeps answers usable at 0.5;
+    # `topk` is the paper's selection.
+    method: str = "gated"
     # One density per decoder layer; overrides `density` when given.
     densities: tuple[float, ...] | None = None
     # Seeds the random/sampling baselines (a request's own `seed` takes precedence).
@@ -68,8 +70,9 @@ class GriffinConfig:
     # the eager V1 runner. Off by default until it has run on a GPU here.
     cuda_graphs: bool = False
     # Every `refresh` generated tokens, one token runs the full MLP, its activations join
-    # the statistic and the experts are re-selected (0: the paper, prompt only).
-    refresh: int = 0
+    # the statistic and the experts are re-selected (0: the paper, prompt only). None: the
+    # method's own default (algorithm.DEFAULT_REFRESH: 4 for gated, 0 for the others).
+    refresh: int | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> GriffinConfig | None:

@@ -210,6 +210,7 @@ class GriffinState:
         self.restarts = 0
         self.multi_token_decode_rows = 0
         self.refresh_tokens = 0  # generated tokens run dense for a refresh
+        self._warned_gated = False
         self.slots = SlotPool(max(1, max_seqs))
         self.acc_slots = SlotPool(8)
         # [layer, slot, neuron]: each slot's experts for a layer, first k valid.
@@ -264,8 +265,10 @@ class GriffinState:
         method = opts.method or self.config.method
         if method in algorithm.TOKEN_GATED and (self.tp is not None or self.graph is not None):
             # Per-token selection needs every neuron's gate on one device, outside a graph.
-            logger.error("GRIFFIN: method %s does not run with tensor parallelism or CUDA graphs yet; "
-                         "request %s uses topk", method, row.req_id)
+            if not self._warned_gated:
+                logger.warning("GRIFFIN: method %s does not run with tensor parallelism or CUDA graphs yet; "
+                               "its requests use topk (first: %s)", method, row.req_id)
+                self._warned_gated = True
             method = "topk"
         if opts.density is not None:
             densities = (opts.density,) * self.num_layers
@@ -274,6 +277,8 @@ class GriffinState:
         density = opts.density if opts.density is not None else sum(densities) / len(densities)
         dense = all(d >= 1.0 for d in densities)
         refresh = opts.refresh if opts.refresh is not None else self.config.refresh
+        if refresh is None:
+            refresh = algorithm.DEFAULT_REFRESH.get(method, 0)
         if dense or method not in algorithm.PROMPT_METHODS:
             refresh = 0  # nothing to refresh: no experts, or experts that ignore the text
         slot, grew = self.slots.acquire()
