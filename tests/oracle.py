@@ -32,6 +32,9 @@ class OracleResult:
     # Variants with refreshes: the first token index that a re-selection with a near-tie
     # at its top-k boundary (float64 here, float32 in the engine) could change.
     selection_tie: int | None = None
+    # Teacher-forced runs (``forced``): per token, the oracle's top logit minus the logit of
+    # the token taken; 0 where it is the oracle's own greedy choice.
+    regrets: list[float] | None = None
 
     def tokens_to_compare(self, min_margin: float = 0.1) -> list[int]:
         """The tokens up to the first near-tie (``margins``, ``selection_tie``): a float32 engine
@@ -152,7 +155,8 @@ def gated_sizes(density: float, width: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_new_tokens: int, *,
-                             method: str = "topk", refresh: int = 0) -> OracleResult:
+                             method: str = "topk", refresh: int = 0,
+                             forced: list[int] | None = None) -> OracleResult:
     """``topk`` or ``gated`` decode, optionally with refreshes, for gate/up MLPs (Llama, Qwen2, Gemma).
 
     * ``gated``: the statistic's top-``pool`` neurons are the sequence's pool; each decode
@@ -161,6 +165,10 @@ def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_n
     * ``refresh = R``: generated token g (g = 1, 2, ...; g = 0 is the first decode step)
       with g % R == 0 runs the full MLP; its contribution z^2/||z||^2, times R, joins the
       summed statistic, and the experts (pool) are the new top-k from the next token on.
+    * ``forced``: feed these tokens instead of the greedy ones (teacher forcing) and record
+      each one's regret. ``gated`` ranks thousands of float32 gates per token, so near-ties
+      at its top-k boundary are in nearly every token, and either side changes the logits a
+      little: an engine's own greedy text is checked token by token this way.
     """
     layers = decoder_layers(model)
     mlps = [layer.mlp for layer in layers]
@@ -182,7 +190,13 @@ def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_n
     pools = [torch.topk(s, top).indices.sort().values for s in sums]
     first_pools = [p.clone() for p in pools]
     dense_now = [False]
-    margins, selection_tie = [], None
+    margins, selection_tie, regrets = [], None, []
+
+    def take(logits: torch.Tensor, index: int) -> int:
+        margins.append(_margin(logits))
+        token = int(logits.argmax()) if forced is None else forced[index]
+        regrets.append(float(logits.max() - logits[token]))
+        return token
 
     def forward_for(i, mlp):
         def forward(x):
@@ -208,8 +222,7 @@ def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_n
     for i, m in enumerate(mlps):
         m.forward = forward_for(i, m)
     try:
-        tokens = [int(out.logits[0, -1].argmax())]
-        margins.append(_margin(out.logits[0, -1]))
+        tokens = [take(out.logits[0, -1], 0)]
         past = out.past_key_values
         while len(tokens) < max_new_tokens:
             generated = len(tokens) - 1  # the token fed now
@@ -221,13 +234,12 @@ def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_n
                 # The next forward (token index len(tokens) + 1 on) reads the new pools.
                 if selection_tie is None and top < width and any(_boundary_gap(s, top) < 1e-5 for s in sums):
                     selection_tie = len(tokens) + 1
-            tokens.append(int(out.logits[0, -1].argmax()))
-            margins.append(_margin(out.logits[0, -1]))
+            tokens.append(take(out.logits[0, -1], len(tokens)))
     finally:
         for m, f in zip(mlps, originals):
             m.forward = f
     return OracleResult(tokens=tokens, experts=first_pools, statistic=[s.sqrt() for s in sums], margins=margins,
-                        selection_tie=selection_tie)
+                        selection_tie=selection_tie, regrets=regrets)
 
 
 def _boundary_gap(stat_sum: torch.Tensor, k: int) -> float:

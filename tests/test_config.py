@@ -16,9 +16,9 @@ def test_absent_griffin_key_means_off():
 
 
 def test_defaults_and_values():
-    # The default: topk with its own refresh interval (None: the method's, algorithm.DEFAULT_REFRESH).
-    assert GriffinConfig.from_additional_config({"griffin": {}}) == GriffinConfig(0.5, "topk", None, 0)
-    assert GriffinConfig().method == "topk" and GriffinConfig().refresh is None
+    # The default: gated with its own refresh interval (None: the method's, algorithm.DEFAULT_REFRESH).
+    assert GriffinConfig.from_additional_config({"griffin": {}}) == GriffinConfig(0.5, "gated", None, 0)
+    assert GriffinConfig().method == "gated" and GriffinConfig().refresh is None
     cfg = GriffinConfig.from_additional_config(
         {"griffin": {"density": 0.25, "method": "magnitude", "densities": [0.5, 1], "seed": 7}})
     assert cfg == GriffinConfig(0.25, "magnitude", (0.5, 1.0), 7)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xsum_1shot_dev.jsonl"
 MAX_TOKENS = 24
 LAYERS = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18, "qwen2.5-coder-0.5b-instruct": 24}
-# Beyond the paper, per request in the same engines: (method, refresh) checked on the first two prompts.
+# Beyond the paper, per request in the same engines: (method, refresh), checked in batches and alone.
 VARIANTS = (("gated", 0), ("topk", 4), ("gated", 5))
 
 
@@ -38,6 +38,23 @@ def prompts(tokenizer):
         article = json.loads(DATA.read_text().splitlines()[0])["article"]
         ids.append(tokenizer(article)["input_ids"][-300:])
     return ids
+
+
+# Teacher-forced on the engine's tokens, the oracle's logit for each is within a few tenths
+# of its top logit: float32 summation order flips near-ties among the thousands of gates
+# `gated` ranks per token, and the flips add up over the tokens' KV. Measured over these
+# prompts: 0 on SmolLM2 and Gemma-3; on Qwen at most 0.5, once 1.14. Another method's texts
+# (topk's oracle on gated's tokens) fall 2-12 below at several tokens of every text.
+REGRET_NEAR, REGRET_MAX = 0.5, 2.0
+
+
+def assert_greedy_under_oracle(want, what: str, tokenizer, tokens: list[int]) -> None:
+    worst = max(range(len(want.regrets)), key=want.regrets.__getitem__)
+    text = tokenizer.decode(tokens)
+    assert want.regrets[worst] < REGRET_MAX, (
+        f"{what}: token {worst} is {want.regrets[worst]:.2f} below the oracle's best: {text!r}")
+    off = [i for i, r in enumerate(want.regrets) if r >= REGRET_NEAR]
+    assert len(off) <= 1, f"{what}: tokens {off} are >= {REGRET_NEAR} below the oracle's best: {text!r}"
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
@@ -69,25 +86,34 @@ def test_trained_model_matches_oracle(engines, name, tmp_path_factory):
             assert got.tolist() == want.tolist(), f"prompt {i} layer {layer}"
         assert list(out.outputs[0].token_ids) == expected.tokens, f"{name} prompt {i}: {tokenizer.decode(expected.tokens)!r}"
     assert list(dense[0].outputs[0].token_ids) != list(outs[0].outputs[0].token_ids)
-    # gated and refreshes: the engine's tokens are the oracle's (which picks per token from
-    # HF's own gate outputs and recomputes the statistic in float64).
+    # gated and refreshes: each of the engine's tokens is the oracle's greedy choice up to
+    # float near-ties (the oracle, teacher-forced on them, picks per token from HF's own gate
+    # outputs and recomputes the statistic in float64).
     for method, refresh in VARIANTS:
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
                                 extra_args={"griffin": {"density": 0.5, "method": method, "refresh": refresh}})
-        got = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch[:2]], params, use_tqdm=False)
-        # Alone, a request decodes one row a step: gated rows run the gate GEMM + row kernel path.
+        # The whole batch once (four rows a step: vLLM's GEMMs with per-row masks, or the
+        # gated kernel in union order), else two rows; alone, one row a step (the gated kernel).
+        together = batch if refresh == 0 else batch[:2]
+        got = llm.generate([TokensPrompt(prompt_token_ids=p) for p in together], params, use_tqdm=False)
         got += llm.generate([TokensPrompt(prompt_token_ids=batch[1])], params, use_tqdm=False)
-        compared = 0
-        for i, (prompt, out) in enumerate(zip(batch[:2] + batch[1:2], got)):
-            want = griffin_generate_variant(model, prompt, 0.5, MAX_TOKENS, method=method, refresh=refresh)
-            # Up to the oracle's first near-tie (logit margin < 0.1): from there a float32
-            # engine may rightly write another text.
-            same = want.tokens_to_compare()
-            assert list(out.outputs[0].token_ids)[: len(same)] == same, (
-                f"{name} {method} refresh={refresh} prompt {i}: {tokenizer.decode(want.tokens)!r}")
-            compared += len(same)
-        # Enough tokens compared that refreshes (every 4-5 tokens) happened.
-        assert compared >= 10, f"{name} {method} refresh={refresh}: only {compared} tokens before near-ties"
+        for i, (prompt, out) in enumerate(zip(together + batch[1:2], got)):
+            tokens = list(out.outputs[0].token_ids)
+            want = griffin_generate_variant(model, prompt, 0.5, MAX_TOKENS, method=method, refresh=refresh,
+                                            forced=tokens)
+            assert_greedy_under_oracle(want, f"{name} {method} refresh={refresh} prompt {i}", tokenizer, tokens)
+    # The check can fail: the last variant's texts (gated, refresh 5) are not all greedy
+    # under the paper's topk.
+    failed = 0
+    for prompt, out in zip(together + batch[1:2], got):
+        tokens = list(out.outputs[0].token_ids)
+        try:
+            assert_greedy_under_oracle(griffin_generate_variant(model, prompt, 0.5, MAX_TOKENS, forced=tokens),
+                                       "gated under topk", tokenizer, tokens)
+        except AssertionError:
+            failed += 1
+    assert failed > 0
     stats = llm.collective_rpc("griffin_stats")[0]
     assert stats["refresh_tokens"] >= 2 * (MAX_TOKENS - 2) // 4  # refreshes happened
-    assert stats["decode_paths"].get("gated_rows", 0) > 0 and stats["decode_paths"].get("masked", 0) > 0
+    paths = stats["decode_paths"]
+    assert paths.get("gated_rows", 0) > 0 and paths.get("masked", 0) + paths.get("gated_union", 0) > 0, paths

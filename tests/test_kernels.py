@@ -240,25 +240,73 @@ def test_masked_activation_entry_point_and_bad_input():
         act_keep_cpu(torch.ones(2, 6), masks[:, :3], torch.tensor([6, 1]), "silu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", sorted(ACTS))
-@pytest.mark.parametrize("rows, hidden, width, pool_size, k", [(1, 64, 96, 72, 20), (3, 40, 50, 50, 12)])
-def test_gated_experts_cpu_matches_reference(activation, rows, hidden, width, pool_size, k):
-    """`gated` decode: the gate GEMM + per-row top-k + row kernel equals the dense masked
-    reference, the pool is respected, and k experts run per row (not the whole pool)."""
+@pytest.mark.parametrize("rows, hidden, width, pool_size, k", [(1, 64, 96, 72, 20), (3, 40, 50, 50, 12),
+                                                              (6, 19, 70, 33, 9)])
+def test_gated_experts_cpu_matches_reference(activation, dtype, rows, hidden, width, pool_size, k):
+    """`gated` decode kernel: equals the dense masked reference; the pool is respected and k
+    experts run per row (not the whole pool); both loop orders give the same bits, which are
+    the expert kernel's on the experts it chose; a row with k = 0 (another method's row in
+    the same step) runs its whole pool."""
+    from vllm_griffin.algorithm import token_experts
     from vllm_griffin.ops.cpu_kernel import gated_experts_cpu
     from vllm_griffin.ops.reference import gated_experts_reference
 
-    gen = torch.Generator().manual_seed(1)
-    x, wgu, wdt, _, _ = case(rows, hidden, width, [1], torch.float32)
+    gen = torch.Generator().manual_seed(rows)
+    x, wgu, wdt, _, _ = case(rows, hidden, width, [1], dtype)
     pool = torch.zeros(rows, width, dtype=torch.bool)
     for t in range(rows):
         pool[t, torch.randperm(width, generator=gen)[:pool_size]] = True
+    experts = pool.nonzero()[:, 1].view(rows, pool_size)
+    counts = torch.full((rows,), pool_size)
+    ks = torch.full((rows,), k)
     weights = ExpertWeights.interleaved(wgu, wdt.t().contiguous())
-    want = gated_experts_reference(x.double(), ExpertWeights.separate(wgu.double(), wdt.double()), pool, k,
-                                   act_and_mul(activation))
-    got = gated_experts_cpu(x, weights, pool, k, activation)
-    assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
+    exact = ExpertWeights.separate(wgu.double(), wdt.double())
+    want = gated_experts_reference(x.double(), exact, pool, k, act_and_mul(activation))
+    got = gated_experts_cpu(x, weights, experts, counts, ks, activation, "rows")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.double(), want, atol=tol, rtol=tol)
+    assert torch.equal(gated_experts_cpu(x, weights, experts, counts, ks, activation, "union"), got)
+    # The same bits as the expert kernel on the k it chose (gates in float32, as the kernel).
+    gate = x.float() @ wgu[:width].float().t()
+    chosen = token_experts(ACTS[activation](gate), pool, k)
+    assert torch.equal(chosen.sum(-1), ks)
+    same = experts_mlp_cpu(x, weights, chosen.nonzero()[:, 1].view(rows, k), ks, activation, "rows")
+    assert torch.equal(got, same)
     # The pool's whole width (topk's experts) gives another answer: k of them ran.
-    whole = gated_experts_reference(x.double(), ExpertWeights.separate(wgu.double(), wdt.double()), pool,
-                                    pool_size, act_and_mul(activation))
+    whole = gated_experts_reference(x.double(), exact, pool, pool_size, act_and_mul(activation))
     assert not torch.allclose(whole, want, atol=1e-3)
+    # Rows of another method (k = 0) run the whole pool, beside gated rows.
+    ks[0] = 0
+    mixed = gated_experts_cpu(x, weights, experts, counts, ks, activation, "union")
+    assert torch.equal(mixed[0], experts_mlp_cpu(x[:1], weights, experts[:1], counts[:1], activation, "rows")[0])
+    assert torch.equal(mixed[1:], got[1:])
+    with pytest.raises(ValueError, match="order 'cols'; allowed: rows, union"):
+        gated_experts_cpu(x, weights, experts, counts, ks, activation, "cols")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+def test_gated_masked_activation_matches_reference(dtype, activation):
+    """The masked path of a step with `gated` rows: the fused C pass (SiLU, GELU tanh) and the
+    torch fallback (other activations) keep each row's k pool neurons of largest |act(gate)|,
+    a k = 0 row its whole pool, and give the masked activation's values on them."""
+    from vllm_griffin.ops import dispatch
+    from vllm_griffin.ops.reference import gated_keep_reference
+
+    gen = torch.Generator().manual_seed(3)
+    rows, width = 5, 77
+    gate_up = torch.randn(rows, 2 * width, generator=gen).to(dtype)
+    masks = torch.rand(7, width, generator=gen) < 0.6
+    slots = torch.tensor([6, 0, 3, 3, 2])
+    ks = torch.tensor([10, 0, 25, 3, 1000])  # 1000: more than the pool, keeps it all
+    fn = dispatch.gated_masked_activation_fn(torch.device("cpu"), dtype, activation, act_and_mul(activation), True)
+    got = fn(gate_up, masks, slots, ks)
+    gate = gate_up[:, :width].float()
+    keep = gated_keep_reference(ACTS[activation](gate), masks, slots, ks)
+    assert torch.equal(keep.sum(-1), torch.minimum(ks.where(ks > 0, width), masks[slots].sum(-1)))
+    assert torch.equal(got != 0, keep & (gate_up[:, width:] != 0))
+    want = act_and_mul(activation)(gate_up.float()) * keep
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol)

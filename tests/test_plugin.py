@@ -74,8 +74,8 @@ def test_make_demo_runs_to_the_end(engines):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "demo finished" in proc.stdout
     # Each question answered dense and by the default method at 0.75 and 0.5, with speeds.
-    for label in ("--- dense", "--- GRIFFIN (default: topk) at density 0.75",
-                  "--- GRIFFIN (default: topk) at density 0.5"):
+    for label in ("--- dense", "--- GRIFFIN (default: gated, refresh 4) at density 0.75",
+                  "--- GRIFFIN (default: gated, refresh 4) at density 0.5"):
         assert proc.stdout.count(label) == 4, label
     assert proc.stdout.count("tok/s (batch of 4") == 3
 

@@ -493,7 +493,7 @@ def test_plugin_flag_form_serves_the_same_outputs(server):
     expected = [complete(client, p, chat=chat, density=d) for p, chat, d in cases]
     server.stop()  # one engine at a time
 
-    plugin = Server([str(VENV_BIN / "vllm-griffin"), "serve", "--density", "0.5", *SERVER_FLAGS],
+    plugin = Server([str(VENV_BIN / "vllm-griffin"), "serve", "--density", "0.5", "--method", "topk", *SERVER_FLAGS],
                     "plugin-flag").start()
     try:
         client = plugin.client()
@@ -502,5 +502,5 @@ def test_plugin_flag_form_serves_the_same_outputs(server):
     finally:
         plugin.stop()
     assert got == expected
-    assert "--plugin griffin --griffin-density 0.5" in plugin.log_tail(10**7)
+    assert "--plugin griffin --griffin-density 0.5 --griffin-method topk" in plugin.log_tail(10**7)
     assert metric(samples, "vllm:griffin_requests_total", method="topk") == len(cases)

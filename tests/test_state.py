@@ -187,11 +187,11 @@ def test_refresh_is_per_request_and_off_for_dense_and_static_methods():
     assert plan.capture_pos.tolist() == [0]  # r's token, first among the dense ones
 
 
-def test_gated_refreshes_every_4_by_default_and_topk_keeps_the_paper():
-    """`gated` without a refresh set refreshes every 4 tokens; `topk` (the default) is the
-    paper's (no refresh) unless a refresh is asked for too."""
+def test_default_is_gated_with_refresh_4_and_topk_keeps_the_paper():
+    """Nothing set: `gated` refreshing every 4 tokens; `topk` asked by name is the paper's
+    (no refresh) unless a refresh is asked for too."""
     state = GriffinState(GriffinConfig(), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
-    rows = [StepRow("d", 4, 0, 4, {"griffin": {"method": "gated"}}), StepRow("t", 4, 0, 4),
+    rows = [StepRow("d", 4, 0, 4), StepRow("t", 4, 0, 4, {"griffin": {"method": "topk"}}),
             StepRow("r", 4, 0, 4, {"griffin": {"method": "topk", "refresh": 8}})]
     run_layers(state, state.plan_step(rows), torch.randn(12, WIDTH))
     d, t, r = (state.requests[x] for x in "dtr")

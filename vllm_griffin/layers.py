@@ -84,7 +84,7 @@ class GriffinMLP(nn.Module):
         # oneDNN and drops the plain ones, so this is the only plain copy).
         self.expert_weights: ops.ExpertWeights | None = None
         self._kernel_ok: bool | None = None  # whether an expert kernel runs them (asked once)
-        self._masked_fns: dict[torch.dtype, object] = {}  # the masked path's activation, per dtype
+        self._masked_fns: dict[tuple[torch.dtype, bool], object] = {}  # the masked path's activation, per (dtype, gated)
         self._gate_up_loaded: tuple[torch.Tensor, torch.Tensor | None] | None = None
         _on_weights_processed(gate_up, self._keep_gate_up)
         _on_weights_processed(down, self._keep_down)
@@ -171,36 +171,20 @@ class GriffinMLP(nn.Module):
 
     def _masked_activation(self, gate_up: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """The activation of vLLM's gate_up output, each row keeping only its request's
-        experts at this layer (the others exactly 0)."""
-        fn = self._masked_fns.get(gate_up.dtype)
+        experts at this layer (the others exactly 0); a `gated` row only the neurons of its
+        pool whose activated gate is largest."""
+        gated = plan.sparse_token_k is not None
+        fn = self._masked_fns.get((gate_up.dtype, gated))
         if fn is None:
-            fn = self._masked_fns[gate_up.dtype] = ops.masked_activation_fn(gate_up.device, gate_up.dtype,
-                                                                            self.activation, self._act_fn)
-        if plan.sparse_token_k is not None:
-            keep = self._token_experts(gate_up, plan)
-            return fn(gate_up, keep, torch.arange(keep.shape[0], device=keep.device))
+            make = ops.gated_masked_activation_fn if gated else ops.masked_activation_fn
+            extra = (self.spec.gated,) if gated else ()
+            fn = self._masked_fns[gate_up.dtype, gated] = make(gate_up.device, gate_up.dtype, self.activation,
+                                                               self._act_fn, *extra)
         # The plan's slots come from the slot pool: always rows of the masks.
-        return fn(gate_up, self.state.masks[self.layer_index], plan.sparse_slot)
-
-    def _token_experts(self, gate_up: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """[T, D] bool: the experts of each sparse row this step. A ``gated`` row keeps the
-        neurons of its pool whose activated gate is largest; other rows keep their experts."""
-        layer = self.layer_index
-        keep = self.state.sparse_masks(layer, plan).clone()  # the pools (a step buffer: copied)
-        token_k = plan.sparse_token_k[layer]
-        width = keep.shape[-1]
-        if self.spec.gated:
-            # act(gate) alone, by the model's own act-and-mul with an `up` of ones.
-            gate = gate_up[:, :width]
-            gate_act = self._act_fn(torch.cat([gate, torch.ones_like(gate)], dim=-1))
-        else:
-            gate_act = self._act_fn(gate_up)
-        for k in token_k.unique().tolist():
-            if k == 0:
-                continue  # rows of other methods
-            rows = (token_k == k).nonzero().flatten()
-            keep[rows] = algorithm.token_experts(gate_act[rows], keep[rows], k)
-        return keep
+        masks = self.state.masks[self.layer_index]
+        if gated:
+            return fn(gate_up, masks, plan.sparse_slot, plan.sparse_token_k[self.layer_index])
+        return fn(gate_up, masks, plan.sparse_slot)
 
     def _run_experts(self, xs: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Each decode row through its own experts, by the path the cost model picks."""
@@ -214,13 +198,13 @@ class GriffinMLP(nn.Module):
             gate_up, _ = self._gate_up_fn(xs)
             out, _ = self._down_fn(self._masked_activation(gate_up, plan))
             return out
-        if path == "gated_rows":
+        experts, counts = self.state.sparse_experts(layer, plan)
+        if path in ("gated_rows", "gated_union"):
             from vllm_griffin.ops.cpu_kernel import gated_experts_cpu
 
-            k = int(plan.sparse_token_k[layer][0])
-            return gated_experts_cpu(xs, self.expert_weights, self.state.sparse_masks(layer, plan), k, self.activation)
-        experts, counts = self.state.sparse_experts(layer, plan)
-        if path in ("rows", "union"):
+            out = gated_experts_cpu(xs, self.expert_weights, experts, counts, plan.sparse_token_k[layer],
+                                    self.activation, path.removeprefix("gated_"))
+        elif path in ("rows", "union"):
             from vllm_griffin.ops.cpu_kernel import experts_mlp_cpu
 
             out = experts_mlp_cpu(xs, self.expert_weights, experts, counts, self.activation, path)

@@ -122,6 +122,8 @@ class StepPlan:
     # `gated` tokens in the step: per layer, [T_sparse] experts each keeps in its pool (0: the
     # whole pool, a token of another method); None when the step has none.
     sparse_token_k: list[torch.Tensor] | None = None
+    sparse_gated_products: list[float] = field(default_factory=list)  # per layer (see plan())
+    sparse_gated_kept: list[int] = field(default_factory=list)        # per layer: experts the rows keep
     # Filled by the first layer that needs them, for every layer at once: one tensor
     # op per step instead of one per layer (the per-layer calls cost more than the
     # layer's own work in a small model).
@@ -399,6 +401,11 @@ class GriffinState:
                 zeros = (0,) * self.num_layers
                 gk = np.array([s.token_k or zeros for s in sparse_req], dtype=np.int64).T  # [L, T]
                 plan.sparse_token_k = list(torch.from_numpy(gk).to(self.device))
+                # Per layer, for the cost model: weight rows the gated kernel reads (a gated row
+                # its pool's gates and k up and down rows; another row all three of its experts),
+                # in units of one neuron's three rows, and how many experts the rows keep.
+                plan.sparse_gated_products = np.where(gk > 0, (k + 2 * gk) / 3, k).sum(axis=1).tolist()
+                plan.sparse_gated_kept = np.where(gk > 0, gk, k).sum(axis=1).tolist()
         return plan
 
     def _refresh_due(self, state: RequestState, pos: int) -> bool:
@@ -581,10 +588,7 @@ class GriffinState:
         can_win: dict[tuple[int, int], bool] = {}  # layers mostly share (kmax, products): ask once
         for layer in range(self.num_layers):
             if plan.sparse_token_k is not None:
-                # Per-token experts (`gated`): one row on the CPU computes its gates, then its
-                # experts by the row kernel; otherwise vLLM's GEMMs with per-row masks.
-                one_row = rows == 1 and kernel_ok and device.type == "cpu"
-                paths.append(("gated_rows" if one_row else "masked", None))
+                paths.append(self._gated_path(layer, plan, kernel_ok, device))
                 continue
             products, kmax = plan.sparse_ksum[layer], plan.sparse_kmax[layer]
             if kmax == 0:
@@ -608,6 +612,18 @@ class GriffinState:
                 self.union_fraction_sum += union / self.width
                 self.union_samples += 1
         return paths
+
+    def _gated_path(self, layer: int, plan: StepPlan, kernel_ok: bool, device: torch.device) -> tuple[str, int | None]:
+        """A step with `gated` rows: the CPU gated kernel (rows or union order) where the cost
+        model says it beats vLLM's GEMMs with per-row masks, which run it elsewhere."""
+        if not kernel_ok or device.type != "cpu":
+            return "masked", None
+        pools = self.sparse_union(layer, plan)  # distinct pool neurons: the gates read
+        # Up and down rows of at most the pools' union: an upper bound on the weight traffic.
+        union = (pools + 2 * min(pools, plan.sparse_gated_kept[layer])) // 3
+        path = dispatch.choose_path(device, True, plan.sparse_idx.numel(), self.width, union,
+                                    round(plan.sparse_gated_products[layer]))
+        return ("masked" if path == "masked" else f"gated_{path}"), pools
 
     def sparse_union(self, layer: int, plan: StepPlan) -> int:
         """Distinct neurons the step's sparse requests use at ``layer``, counted on the host

@@ -226,6 +226,209 @@ void griffin_experts_union_##SUFFIX(const float* x, const WT* w_gate, const WT* 
 DEFINE_KERNELS(f32, float, load_f32, f32_id)
 DEFINE_KERNELS(bf16, uint16_t, load_bf16, bf16_to_f32)
 
+// `gated` decode: each row computes the gates of its pool (the prompt's pick), keeps the
+// k pool neurons of largest |act(gate)|, and runs up and down on those alone: pool + 2k
+// weight rows per row, the gates computed once. The dot products use the chains of the
+// kernels above, so a row's output equals theirs on the same experts, bit for bit, and
+// the two orders (rows, union) agree with each other.
+//   experts/counts: the pools (sorted ascending); ks[t]: the row's k (<= 0 or >= its
+//   count: the whole pool, as for rows of other methods sharing the step).
+
+// Index of the k-th largest of v[0..n) after partially ordering v (quickselect; n > 0).
+static float kth_largest(float* v, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) { float t = v[i]; v[i] = v[j]; v[j] = t; i++; j--; }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return v[want];
+    }
+    return v[want];
+}
+
+// chosen[e] = 1 for the k positions of largest score (ties: lower positions first).
+static void choose_top(const float* score, int64_t n, int64_t k, float* scratch, uint8_t* chosen) {
+    if (k >= n) { memset(chosen, 1, (size_t)n); return; }
+    memset(chosen, 0, (size_t)n);
+    if (k <= 0) return;
+    memcpy(scratch, score, sizeof(float) * (size_t)n);
+    float cut = kth_largest(scratch, n, k);
+    int64_t above = 0;
+    for (int64_t e = 0; e < n; e++) above += score[e] > cut;
+    int64_t ties = k - above;
+    for (int64_t e = 0; e < n; e++) {
+        if (score[e] > cut) chosen[e] = 1;
+        else if (score[e] == cut && ties > 0) { chosen[e] = 1; ties--; }
+    }
+}
+
+static inline float gate_score(float g, int act) {
+    float a = fabsf(act_fn(g, act));
+    return a != a ? INFINITY : a;  // NaN ranks first, as torch.topk
+}
+
+#define DEFINE_GATED(SUFFIX, WT, LOAD, TOF)                                                      \
+/* w_n . x for one row and up to four neurons: dots_neurons' chains for one matrix. */         \
+static inline __attribute__((always_inline)) void dot_neurons_##SUFFIX(const WT* const* ws, const float* x, int nn, \
+                                                                      int64_t H, float* out) {  \
+    vec a[4] = {vzero(), vzero(), vzero(), vzero()};                                            \
+    int64_t i = 0;                                                                              \
+    for (; i + LANES <= H; i += LANES) {                                                        \
+        vec xv = vloadx(x + i);                                                                 \
+        for (int n = 0; n < nn; n++) a[n] = vfma(LOAD(ws[n] + i), xv, a[n]);                    \
+    }                                                                                           \
+    for (int n = 0; n < nn; n++) {                                                              \
+        float s = vsum(a[n]);                                                                   \
+        for (int64_t k = i; k < H; k++) s = fmaf(TOF(ws[n][k]), x[k], s);                       \
+        out[n] = s;                                                                             \
+    }                                                                                           \
+}                                                                                               \
+/* w . x_r for one neuron and up to four rows: dots_rows' chains for one matrix. */             \
+static inline __attribute__((always_inline)) void dot_rows_##SUFFIX(const WT* w, const float* const* xs, int nr, \
+                                                                   int64_t H, float* out) {     \
+    vec a[4] = {vzero(), vzero(), vzero(), vzero()};                                            \
+    int64_t i = 0;                                                                              \
+    for (; i + LANES <= H; i += LANES) {                                                        \
+        vec wv = LOAD(w + i);                                                                   \
+        for (int r = 0; r < nr; r++) a[r] = vfma(wv, vloadx(xs[r] + i), a[r]);                  \
+    }                                                                                           \
+    for (int r = 0; r < nr; r++) {                                                              \
+        float s = vsum(a[r]);                                                                   \
+        for (int64_t k = i; k < H; k++) s = fmaf(TOF(w[k]), xs[r][k], s);                       \
+        out[r] = s;                                                                             \
+    }                                                                                           \
+}                                                                                               \
+static void dot_neurons_n_##SUFFIX(const WT* const* ws, const float* x, int nn, int64_t H, float* out) { \
+    switch (nn) {                                                                               \
+        case 4: dot_neurons_##SUFFIX(ws, x, 4, H, out); break;                                  \
+        case 3: dot_neurons_##SUFFIX(ws, x, 3, H, out); break;                                  \
+        case 2: dot_neurons_##SUFFIX(ws, x, 2, H, out); break;                                  \
+        default: dot_neurons_##SUFFIX(ws, x, 1, H, out);                                        \
+    }                                                                                           \
+}                                                                                               \
+static void dot_rows_n_##SUFFIX(const WT* w, const float* const* xs, int nr, int64_t H, float* out) { \
+    switch (nr) {                                                                               \
+        case 4: dot_rows_##SUFFIX(w, xs, 4, H, out); break;                                     \
+        case 3: dot_rows_##SUFFIX(w, xs, 3, H, out); break;                                     \
+        case 2: dot_rows_##SUFFIX(w, xs, 2, H, out); break;                                     \
+        default: dot_rows_##SUFFIX(w, xs, 1, H, out);                                           \
+    }                                                                                           \
+}                                                                                               \
+void griffin_gated_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up, const WT* w_down, \
+        int64_t stride, const int64_t* experts, const int64_t* counts, const int64_t* ks,       \
+        float* out, int64_t T, int64_t H, int64_t D, int64_t K, int act, int union_order) {     \
+    float* g = malloc(sizeof(float) * (size_t)(T * K + 1));        /* gate of (row, pool pos) */ \
+    float* score = malloc(sizeof(float) * (size_t)(K + 1));                                     \
+    float* scratch = malloc(sizeof(float) * (size_t)(K + 1));                                   \
+    uint8_t* chosen = malloc((size_t)(T * K + 1));                                              \
+    /* 1. every row's pool gates */                                                             \
+    if (union_order) {                                                                          \
+        int32_t* users = calloc((size_t)D, sizeof(int32_t));                                    \
+        int64_t* at = malloc(sizeof(int64_t) * (size_t)(D * T));  /* t*K + e, rows ascending */  \
+        for (int64_t t = 0; t < T; t++)                                                         \
+            for (int64_t e = 0; e < counts[t]; e++) {                                           \
+                int64_t j = experts[t * K + e];                                                 \
+                at[j * T + users[j]++] = t * K + e;                                             \
+            }                                                                                   \
+        for (int64_t j = 0; j < D; j++)                                                         \
+            for (int32_t first = 0; first < users[j]; first += 4) {                             \
+                int nr = users[j] - first < 4 ? users[j] - first : 4;                           \
+                const float* xs[4];                                                             \
+                float v[4];                                                                     \
+                for (int r = 0; r < nr; r++) xs[r] = x + (at[j * T + first + r] / K) * H;       \
+                dot_rows_n_##SUFFIX(w_gate + j * stride, xs, nr, H, v);                         \
+                for (int r = 0; r < nr; r++) g[at[j * T + first + r]] = v[r];                   \
+            }                                                                                   \
+        free(users);                                                                            \
+        free(at);                                                                               \
+    } else {                                                                                    \
+        for (int64_t t = 0; t < T; t++)                                                         \
+            for (int64_t e = 0; e < counts[t]; e += 4) {                                        \
+                int nn = counts[t] - e < 4 ? (int)(counts[t] - e) : 4;                          \
+                const WT* ws[4];                                                                \
+                for (int n = 0; n < nn; n++) ws[n] = w_gate + experts[t * K + e + n] * stride;  \
+                dot_neurons_n_##SUFFIX(ws, x + t * H, nn, H, g + t * K + e);                    \
+            }                                                                                   \
+    }                                                                                           \
+    /* 2. each row's k largest |act(gate)| */                                                   \
+    for (int64_t t = 0; t < T; t++) {                                                           \
+        for (int64_t e = 0; e < counts[t]; e++) score[e] = gate_score(g[t * K + e], act);       \
+        int64_t k = ks[t] <= 0 ? counts[t] : ks[t];                                             \
+        choose_top(score, counts[t], k, scratch, chosen + t * K);                               \
+    }                                                                                           \
+    /* 3. up and down on the chosen, neurons ascending per row */                               \
+    memset(out, 0, sizeof(float) * (size_t)(T * H));                                            \
+    if (union_order) {                                                                          \
+        int32_t* users = calloc((size_t)D, sizeof(int32_t));                                    \
+        int64_t* at = malloc(sizeof(int64_t) * (size_t)(D * T));                                \
+        for (int64_t t = 0; t < T; t++)                                                         \
+            for (int64_t e = 0; e < counts[t]; e++)                                             \
+                if (chosen[t * K + e]) {                                                        \
+                    int64_t j = experts[t * K + e];                                             \
+                    at[j * T + users[j]++] = t * K + e;                                         \
+                }                                                                               \
+        for (int64_t j = 0; j < D; j++)                                                         \
+            for (int32_t first = 0; first < users[j]; first += 4) {                             \
+                int nr = users[j] - first < 4 ? users[j] - first : 4;                           \
+                const float* xs[4];                                                             \
+                float* ys[4];                                                                   \
+                float u[4], h[4];                                                               \
+                for (int r = 0; r < nr; r++) {                                                  \
+                    int64_t t = at[j * T + first + r] / K;                                      \
+                    xs[r] = x + t * H; ys[r] = out + t * H;                                     \
+                }                                                                               \
+                dot_rows_n_##SUFFIX(w_up + j * stride, xs, nr, H, u);                           \
+                for (int r = 0; r < nr; r++) h[r] = act_fn(g[at[j * T + first + r]], act) * u[r]; \
+                switch (nr) {                                                                   \
+                    case 4: axpy_rows_##SUFFIX(ys, h, 4, w_down + j * stride, H); break;        \
+                    case 3: axpy_rows_##SUFFIX(ys, h, 3, w_down + j * stride, H); break;        \
+                    case 2: axpy_rows_##SUFFIX(ys, h, 2, w_down + j * stride, H); break;        \
+                    default: axpy_rows_##SUFFIX(ys, h, 1, w_down + j * stride, H);              \
+                }                                                                               \
+            }                                                                                   \
+        free(users);                                                                            \
+        free(at);                                                                               \
+    } else {                                                                                    \
+        for (int64_t t = 0; t < T; t++) {                                                       \
+            int64_t e = 0;                                                                      \
+            while (e < counts[t]) {                                                             \
+                const WT *ups[4], *downs[4];                                                    \
+                float gs[4], u[4], h[4];                                                        \
+                int nn = 0;                                                                     \
+                for (; e < counts[t] && nn < 4; e++)                                            \
+                    if (chosen[t * K + e]) {                                                    \
+                        int64_t j = experts[t * K + e];                                         \
+                        ups[nn] = w_up + j * stride; downs[nn] = w_down + j * stride;           \
+                        gs[nn++] = g[t * K + e];                                                \
+                    }                                                                           \
+                if (nn == 0) break;                                                             \
+                dot_neurons_n_##SUFFIX(ups, x + t * H, nn, H, u);                               \
+                for (int n = 0; n < nn; n++) h[n] = act_fn(gs[n], act) * u[n];                  \
+                float* y = out + t * H;                                                         \
+                switch (nn) {                                                                   \
+                    case 4: axpy_neurons_##SUFFIX(y, h, 4, downs, H); break;                    \
+                    case 3: axpy_neurons_##SUFFIX(y, h, 3, downs, H); break;                    \
+                    case 2: axpy_neurons_##SUFFIX(y, h, 2, downs, H); break;                    \
+                    default: axpy_neurons_##SUFFIX(y, h, 1, downs, H);                          \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    free(g);                                                                                    \
+    free(score);                                                                                \
+    free(scratch);                                                                              \
+    free(chosen);                                                                               \
+}
+
+DEFINE_GATED(f32, float, load_f32, f32_id)
+DEFINE_GATED(bf16, uint16_t, load_bf16, bf16_to_f32)
+
 // Prefill: the prompt statistic's per-token contributions, in one pass over z.
 //
 // Contract (one layer, one rank), as capture_reference in vllm_griffin/ops/reference.py:
@@ -431,3 +634,41 @@ void griffin_act_keep_##SUFFIX(const T* gate_up, int64_t gu_stride, T* z, int64_
 }
 DEFINE_ACT_KEEP(f32, float, f32_id)
 DEFINE_ACT_KEEP(bf16, uint16_t, bf16_to_f32)
+
+// The same for a step with `gated` rows: row t keeps the ks[t] neurons of its pool
+// (masks[slots[t]]) whose |act(gate)| is largest (choose_top), z = act(gate) * up on
+// those and 0 elsewhere; ks[t] <= 0 (a row of another method): its whole pool.
+#define DEFINE_GATED_ACT_KEEP(SUFFIX, T, TO_F32)                                                        \
+void griffin_gated_act_keep_##SUFFIX(const T* gate_up, int64_t gu_stride, T* z, int64_t z_stride,     \
+                                     const uint8_t* masks, int64_t mask_stride, const int64_t* slots,  \
+                                     const int64_t* ks, int64_t rows, int64_t width, int act) {         \
+    float* score = malloc(sizeof(float) * (size_t)(width + 1));                                         \
+    float* scratch = malloc(sizeof(float) * (size_t)(width + 1));                                       \
+    int64_t* pos = malloc(sizeof(int64_t) * (size_t)(width + 1));                                       \
+    uint8_t* chosen = malloc((size_t)(width + 1));                                                      \
+    for (int64_t t = 0; t < rows; t++) {                                                                \
+        const T* g = gate_up + t * gu_stride;                                                           \
+        const T* u = g + width;                                                                         \
+        T* zr = z + t * z_stride;                                                                       \
+        if (ks[t] <= 0) {                                                                               \
+            griffin_act_keep_##SUFFIX(g, gu_stride, zr, z_stride, masks, mask_stride, slots + t, 1,     \
+                                      width, act);                                                      \
+            continue;                                                                                   \
+        }                                                                                               \
+        const uint8_t* m = masks + slots[t] * mask_stride;                                             \
+        int64_t n = 0;                                                                                  \
+        for (int64_t j = 0; j < width; j++)                                                             \
+            if (m[j]) { pos[n] = j; score[n++] = gate_score(TO_F32(g[j]), act); }                       \
+        choose_top(score, n, ks[t], scratch, chosen);                                                   \
+        memset(zr, 0, sizeof(T) * (size_t)width);                                                       \
+        for (int64_t e = 0; e < n; e++)                                                                 \
+            if (chosen[e])                                                                              \
+                store_##SUFFIX(zr + pos[e], gated_act_scalar(TO_F32(g[pos[e]]), TO_F32(u[pos[e]]), act)); \
+    }                                                                                                   \
+    free(score);                                                                                        \
+    free(scratch);                                                                                      \
+    free(pos);                                                                                          \
+    free(chosen);                                                                                       \
+}
+DEFINE_GATED_ACT_KEEP(f32, float, f32_id)
+DEFINE_GATED_ACT_KEEP(bf16, uint16_t, bf16_to_f32)

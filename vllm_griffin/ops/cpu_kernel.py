@@ -81,6 +81,10 @@ def load() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = args, None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     for suffix in _WEIGHT_SUFFIX.values():
+        fn = getattr(lib, f"griffin_gated_{suffix}")
+        fn.argtypes, fn.restype = [ptr] * 4 + [i64] + [ptr] * 4 + [i64] * 4 + [ctypes.c_int] * 2, None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    for suffix in _WEIGHT_SUFFIX.values():
         fn = getattr(lib, f"griffin_capture_{suffix}")
         fn.argtypes, fn.restype = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr], None
         fn = getattr(lib, f"griffin_sq_norms_{suffix}")
@@ -90,6 +94,8 @@ def load() -> ctypes.CDLL | None:
         fn.argtypes, fn.restype = [ptr, i64, ptr, i64, ptr, i64, i64], None
         fn = getattr(lib, f"griffin_act_keep_{suffix}")
         fn.argtypes, fn.restype = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, ctypes.c_int], None
+        fn = getattr(lib, f"griffin_gated_act_keep_{suffix}")
+        fn.argtypes, fn.restype = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int], None
     lib.griffin_first_bad_index.argtypes = [ptr, i64, i64, ctypes.c_int]
     lib.griffin_first_bad_index.restype = i64
     _lib = lib
@@ -116,29 +122,27 @@ def experts_mlp_cpu(x, weights: ExpertWeights, experts, counts, activation: str,
     return out.to(x.dtype)
 
 
-# The activations alone, in torch (the `gated` method ranks a token's gates by them).
-_TORCH_ACTS = {
-    "silu": torch.nn.functional.silu,
-    "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
-    "gelu": torch.nn.functional.gelu,
-    "relu": torch.relu,
-}
-
-
-def gated_experts_cpu(x, weights: ExpertWeights, pool: torch.Tensor, k: int, activation: str) -> torch.Tensor:
-    """The ``gated`` decode MLP (contract: reference.gated_experts_reference): every neuron's
-    gate in one GEMM (oneDNN/BLAS reads the gate rows in place, stride 3H), each row's k
-    experts of its pool, then the row kernel on those. Costs (D + 3k) of 3D neurons per
-    row: worth it for one row, where the GEMM streams the gates once."""
-    from vllm_griffin.algorithm import token_experts
-
-    gate = x.to(weights.gate.dtype) @ weights.gate.t()
-    if weights.gate_bias is not None:
-        gate = gate + weights.gate_bias
-    keep = token_experts(_TORCH_ACTS[activation](gate.float()), pool, k)
-    experts = keep.nonzero()[:, 1].view(x.shape[0], k)  # ascending per row: weights read in order
-    counts = torch.full((x.shape[0],), k, dtype=torch.int64)
-    return experts_mlp_cpu(x, weights, experts, counts, activation, "rows")
+def gated_experts_cpu(x, weights: ExpertWeights, experts, counts, ks, activation: str,
+                      order: str = "rows") -> torch.Tensor:
+    """The ``gated`` decode MLP (contract: reference.gated_experts_reference). ``experts`` /
+    ``counts``: each row's pool (ascending); ``ks[t]``: how many of its pool the row keeps
+    (0: all of it, a row of another method). Each row computes its pool's gates, keeps the
+    k of largest |act(gate)| and runs up and down on those: (pool + 2k) of 3D weight rows.
+    ``order`` as experts_mlp_cpu; the two give the same bits."""
+    if order not in ("rows", "union"):
+        raise ValueError(f"order {order!r}; allowed: rows, union")
+    lib = load()
+    rows, hidden = x.shape
+    x32 = x.to(torch.float32).contiguous()
+    experts = experts.to(torch.int64).contiguous()
+    counts = counts.to(torch.int64).contiguous()
+    ks = ks.to(torch.int64).contiguous()
+    out = torch.empty(rows, hidden, dtype=torch.float32)
+    fn = getattr(lib, f"griffin_gated_{_WEIGHT_SUFFIX[weights.gate.dtype]}")
+    fn(x32.data_ptr(), weights.gate.data_ptr(), weights.up.data_ptr(), weights.down_t.data_ptr(),
+       weights.gate.stride(0), experts.data_ptr(), counts.data_ptr(), ks.data_ptr(), out.data_ptr(),
+       rows, hidden, weights.width, experts.shape[1], ACT_CODES[activation], int(order == "union"))
+    return out.to(x.dtype)
 
 
 # --- prefill capture (contract: capture_reference in vllm_griffin/ops/reference.py) ---
@@ -301,3 +305,23 @@ def act_keep_unchecked(dtype: torch.dtype, activation: str):
         return z
 
     return act_keep
+
+
+def gated_act_keep_unchecked(dtype: torch.dtype, activation: str):
+    """:func:`act_keep_unchecked` for a step with `gated` rows, ``fn(gate_up, masks, slots, ks)``:
+    row t keeps the ``ks[t]`` neurons of its pool ``masks[slots[t]]`` whose |act(gate)| is
+    largest (0: the whole pool). Contract: reference.gated_keep_reference."""
+    fn = getattr(_capture_lib(), f"griffin_gated_act_keep_{_WEIGHT_SUFFIX[dtype]}")
+    code = FUSED_ACT_CODES[activation]
+
+    def gated_act_keep(gate_up: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor,
+                       ks: torch.Tensor) -> torch.Tensor:
+        if gate_up.stride(1) != 1 and gate_up.shape[1] > 1:
+            raise ValueError(f"gate_up needs unit column stride, got strides {gate_up.stride()}")
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        z = torch.empty(rows, width, dtype=gate_up.dtype)
+        fn(gate_up.data_ptr(), gate_up.stride(0), z.data_ptr(), width, masks.data_ptr(), masks.stride(0),
+           slots.data_ptr(), ks.data_ptr(), rows, width, code)
+        return z
+
+    return gated_act_keep

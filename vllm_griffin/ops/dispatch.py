@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_griffin.ops import cpu_kernel
-from vllm_griffin.ops.reference import keep_rows_reference, valid_entries
+from vllm_griffin.ops.reference import gated_keep_reference, keep_rows_reference, valid_entries
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,28 @@ def masked_activation_fn(device: torch.device, dtype: torch.dtype, activation: s
         return keep(act_and_mul(gate_up), masks, slots)
 
     return masked_activation
+
+
+def gated_masked_activation_fn(device: torch.device, dtype: torch.dtype, activation: str | None, act_and_mul,
+                               gated: bool):
+    """:func:`masked_activation_fn` for a step with `gated` rows, ``fn(gate_up, masks, slots, ks)``:
+    row t keeps the ``ks[t]`` neurons of its pool with the largest |act(gate)| (0: the whole
+    pool). One C pass on a CPU for the fused activations; elsewhere the torch selection
+    (reference.gated_keep_reference) and then the masked activation. ``gated``: whether
+    gate_up holds [gate, up] (else it is the activation's only input, as OPT's fc1)."""
+    if (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernel.load() is not None
+            and activation in cpu_kernel.FUSED_ACT_CODES and gated):
+        return cpu_kernel.gated_act_keep_unchecked(dtype, activation)
+    masked = masked_activation_fn(device, dtype, activation, act_and_mul)
+
+    def gated_masked_activation(gate_up: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor,
+                                ks: torch.Tensor) -> torch.Tensor:
+        if gated:  # act(gate) alone, by the model's own act-and-mul with an `up` of ones
+            gate = gate_up[:, :masks.shape[-1]]
+            gate_act = act_and_mul(torch.cat([gate, torch.ones_like(gate)], dim=-1))
+        else:
+            gate_act = act_and_mul(gate_up)
+        keep = gated_keep_reference(gate_act, masks, slots, ks)
+        return masked(gate_up, keep, torch.arange(keep.shape[0], device=keep.device))
+
+    return gated_masked_activation

@@ -146,6 +146,22 @@ def gated_experts_reference(x, weights: ExpertWeights, pool: torch.Tensor, k: in
     return out if weights.down_bias is None else out + weights.down_bias
 
 
+def gated_keep_reference(gate_act: torch.Tensor, masks: torch.Tensor, slots: torch.Tensor,
+                         ks: torch.Tensor) -> torch.Tensor:
+    """[T, D] bool for a masked step with `gated` rows: row t keeps the ``ks[t]`` neurons of
+    its pool ``masks[slots[t]]`` whose activated gate ``gate_act[t]`` is largest in magnitude
+    (algorithm.token_experts); ``ks[t] = 0``, a row of another method: its whole pool."""
+    from vllm_griffin.algorithm import token_experts
+
+    keep = masks[slots]  # advanced indexing: a copy, safe to write
+    for k in ks.unique().tolist():
+        if k > 0:
+            rows = (ks == k).nonzero().flatten()
+            # `& pool`: a k beyond the pool's size keeps the pool, not neurons outside it.
+            keep[rows] = token_experts(gate_act[rows], keep[rows], min(k, keep.shape[-1])) & keep[rows]
+    return keep
+
+
 def _gated_biases(width: int, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None) -> dict:
     """vLLM's merged [2D] gate_up bias split like its weight, plus down's [H] bias."""
     if b_gate_up is None:
