@@ -271,3 +271,55 @@ def test_token_experts_keep_the_largest_gates_within_the_pool():
     # |act| ranks (row 0: -9 and 5; neuron 3 is outside the pool), per row.
     assert keep.tolist() == [[True, True, False, False, False], [False, True, False, False, True]]
     assert algorithm.token_experts(gate_act, pool, 0).sum() == 0
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_sampling_baselines_draw_in_proportion_to_the_statistic():
+    """`sample` draws without replacement with probability proportional to s = sqrt(stat);
+    `topk_sample` keeps the top k - k//2 by rank and draws the rest the same way from the
+    others. Chi-square over many seeded draws (critical value for 5 degrees of freedom at
+    p = 0.001: 20.5); a uniform draw scores in the thousands here."""
+    stat = torch.tensor([1.0, 4.0, 9.0, 16.0, 25.0, 36.0])  # s = 1..6
+    draws = 6000
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    for _ in range(draws):
+        counts[algorithm.select_experts(stat, 1, "sample", width=6, generator=gen)] += 1
+    s = stat.sqrt()
+    assert _chi_square(counts, s / s.sum()) < 20.5
+    assert _chi_square(counts, torch.full((6,), 1 / 6)) > 200  # the test can tell uniform apart
+    # topk_sample, k = 2: neuron 5 by rank, the other drawn from 0..4 in proportion to s.
+    counts = torch.zeros(6)
+    for _ in range(draws):
+        idx = algorithm.select_experts(stat, 2, "topk_sample", width=6, generator=gen)
+        assert 5 in idx.tolist()
+        counts[idx] += 1
+    rest = s[:5] / s[:5].sum()
+    assert _chi_square(counts[:5], rest) < 18.5  # 4 degrees of freedom, p = 0.001
+
+
+def test_request_seed_changes_and_fixes_a_sampled_draw():
+    from vllm_griffin.config import GriffinConfig
+    from vllm_griffin.state import GriffinState, StepRow
+
+    z = torch.randn(12, 32, generator=torch.Generator().manual_seed(5))
+
+    def experts(seed, method="sample"):
+        state = GriffinState(GriffinConfig(method=method, seed=9), 2, 32, torch.device("cpu"), max_seqs=2)
+        plan = state.plan_step([StepRow("a", 12, 0, 12, seed=seed)])
+        for layer in range(2):
+            if plan.capture_pos is not None:  # as GriffinMLP: `random` captures nothing
+                state.capture(layer, z, plan)
+        state.finish_step(plan)
+        return [e.tolist() for e in state.experts_of("a")]
+
+    for method in ("sample", "topk_sample", "random"):
+        first = experts(1, method)
+        assert experts(1, method) == first, method               # the seed fixes the draw
+        assert experts(2, method) != first, method               # another seed, another draw
+        assert experts(None, method) == experts(9, method), method  # no request seed: the engine's
+        assert first[0] != first[1], method                      # layers draw independently

@@ -102,6 +102,7 @@ def generate(llm, prompts, sampling):
 
 def stats(llm):
     (result,) = llm.collective_rpc("griffin_stats")
+    assert result["inconsistencies"] == ""  # every look checks the pools against the requests
     return result
 
 
@@ -169,7 +170,9 @@ def test_abort_mid_batch_leaves_others_unchanged(griffin):
                 finished[out.request_id] = out.outputs[0].token_ids
         steps += 1
         if steps == 6:
-            assert stats(griffin)["slots_in_use"] == 4
+            now = stats(griffin)
+            # Mid-decode for some, mid-prompt for others: one slot each, an accumulator per prompt.
+            assert now["slots_in_use"] == 4 and now["acc_in_use"] == now["prefilling"]
             engine.abort_request(["abort-test-1"])
         if steps > 6 and len(finished) == 0:
             after_abort.append(stats(griffin))
@@ -179,7 +182,8 @@ def test_abort_mid_batch_leaves_others_unchanged(griffin):
                for s in after_abort), after_abort
     for i in (0, 2, 3):
         assert list(finished[f"abort-test-{i}"]) == list(alone[i])
-    assert stats(griffin) ["slots_in_use"] == 0
+    final = stats(griffin)
+    assert final["slots_in_use"] == 0 and final["acc_in_use"] == 0 and final["requests_live"] == 0
 
 
 @pytest.mark.parametrize("extra_args, field", [

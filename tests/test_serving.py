@@ -341,6 +341,8 @@ def test_metrics_count_requests_by_method_and_density(server):
     assert delta("vllm:griffin_selection_seconds_total") > 0
     assert metric(after, "vllm:griffin_slots_in_use") == 0
     assert metric(after, "vllm:griffin_slot_capacity") >= 64
+    assert metric(after, "vllm:griffin_accumulators_in_use") == 0 and metric(after, "vllm:griffin_requests_live") == 0
+    assert metric(after, "vllm:griffin_accumulator_capacity") >= 8
 
 
 BAD_REQUESTS = [

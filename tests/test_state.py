@@ -103,18 +103,82 @@ def test_magnitude_and_dense_requests_capture_nothing():
     assert state.plan_step([StepRow("d", 4, 4, 1)]).all_dense
 
 
+def counters(state):
+    state.check_invariants()  # every look also checks the pools against the requests
+    return {k: v for k, v in state.counters().items() if k in ("requests_live", "slots_in_use", "slot_capacity",
+                                                                 "acc_in_use", "prefilling")}
+
+
 def test_slots_are_released_reused_and_grow_without_losing_experts():
     state = make_state(max_seqs=2)
-    for name in "abc":  # the third admission grows the table
+    for name in "ab":
         run_layers(state, state.plan_step([StepRow(name, 4, 0, 4)]), torch.randn(4, WIDTH))
-    assert state.slots.capacity == 4 and state.slots_in_use == 3
-    before = state.experts_of("a")
-    assert [e.tolist() for e in state.experts_of("a")] == [e.tolist() for e in before]
+    before = {name: [e.tolist() for e in state.experts_of(name)] for name in "ab"}
+    masks_before = state.masks[:, [state.requests[n].slot for n in "ab"]].clone()
+    run_layers(state, state.plan_step([StepRow("c", 4, 0, 4)]), torch.randn(4, WIDTH))  # grows the tables
+    assert counters(state) == dict(requests_live=3, slots_in_use=3, slot_capacity=4, acc_in_use=0, prefilling=0)
+    assert state.experts.shape[1] == state.masks.shape[1] == 4
+    # The rows written before the growth survive it, in both tables.
+    assert {name: [e.tolist() for e in state.experts_of(name)] for name in "ab"} == before
+    assert torch.equal(state.masks[:, [state.requests[n].slot for n in "ab"]], masks_before)
+    freed = state.requests["b"].slot
     state.release("b")
     state.release("b")  # twice is harmless (abort racing finish)
-    assert state.slots_in_use == 2 and state.acc_slots.in_use == 0
+    assert counters(state) == dict(requests_live=2, slots_in_use=2, slot_capacity=4, acc_in_use=0, prefilling=0)
+    assert state.slots.is_free(freed)
     run_layers(state, state.plan_step([StepRow("d", 4, 0, 4)]), torch.randn(4, WIDTH))
-    assert state.requests["d"].slot not in {state.requests["a"].slot, state.requests["c"].slot}
+    assert state.requests["d"].slot == freed  # the freed slot is the one reused
+    assert counters(state)["slots_in_use"] == 3
+    with pytest.raises(ValueError, match=f"slot {freed + 100} is not in use"):
+        state.slots.release(freed + 100)
+
+
+def test_abort_mid_prompt_and_mid_decode_frees_slot_and_accumulator():
+    state = make_state()
+    run_layers(state, state.plan_step([StepRow("p", 40, 0, 16), StepRow("q", 8, 0, 8)]), torch.randn(24, WIDTH))
+    # p is mid-prompt (an accumulator), q decodes (none).
+    assert counters(state) == dict(requests_live=2, slots_in_use=2, slot_capacity=4, acc_in_use=1, prefilling=1)
+    state.release("p")  # abort mid-prompt
+    assert counters(state) == dict(requests_live=1, slots_in_use=1, slot_capacity=4, acc_in_use=0, prefilling=0)
+    run_layers(state, state.plan_step([StepRow("q", 8, 8, 1)]), torch.randn(1, WIDTH))
+    state.release("q")  # abort mid-decode
+    assert counters(state) == dict(requests_live=0, slots_in_use=0, slot_capacity=4, acc_in_use=0, prefilling=0)
+    # A refresh request keeps its accumulator while it decodes, and gives it back at the end.
+    run_layers(state, state.plan_step([StepRow("r", 4, 0, 4, {"griffin": {"refresh": 2}})]), torch.randn(4, WIDTH))
+    for pos in range(4, 9):
+        run_layers(state, state.plan_step([StepRow("r", 4, pos, 1)]), torch.randn(1, WIDTH))
+        assert counters(state)["acc_in_use"] == 1
+    state.release("r")
+    assert counters(state) == dict(requests_live=0, slots_in_use=0, slot_capacity=4, acc_in_use=0, prefilling=0)
+
+
+def test_preemption_and_resume_hold_one_slot_and_free_everything_at_the_end():
+    state = make_state()
+    z = torch.randn(20, WIDTH)
+    run_layers(state, state.plan_step([StepRow("a", 20, 0, 12)]), z[:12])
+    assert counters(state)["acc_in_use"] == 1
+    # Preempted mid-prompt, resumed from token 0: still one slot and one accumulator.
+    run_layers(state, state.plan_step([StepRow("a", 20, 0, 20)]), z)
+    assert counters(state) == dict(requests_live=1, slots_in_use=1, slot_capacity=4, acc_in_use=0, prefilling=0)
+    # Preempted while decoding, resumed by recomputing prompt + outputs.
+    run_layers(state, state.plan_step([StepRow("a", 20, 0, 23)]), torch.randn(23, WIDTH))
+    assert counters(state) == dict(requests_live=1, slots_in_use=1, slot_capacity=4, acc_in_use=0, prefilling=0)
+    assert state.restarts == 2
+    state.release("a")
+    assert counters(state)["slots_in_use"] == 0 and counters(state)["acc_in_use"] == 0
+
+
+def test_check_invariants_names_what_disagrees():
+    state = make_state()
+    run_layers(state, state.plan_step([StepRow("a", 40, 0, 16)]), torch.randn(16, WIDTH))
+    state.slots.release(state.requests["a"].slot)  # as a release without the request's removal
+    with pytest.raises(RuntimeError, match="slot is on the free list.*0 slots in use for 1 live requests"):
+        state.check_invariants()
+    state = make_state()
+    run_layers(state, state.plan_step([StepRow("a", 40, 0, 16)]), torch.randn(16, WIDTH))
+    state.requests.pop("a")  # as a release that forgot the pools
+    with pytest.raises(RuntimeError, match="1 slots in use for 0 live requests.*1 accumulator slots in use, 0 held"):
+        state.check_invariants()
 
 
 def test_skipped_prompt_tokens_fail_loudly():

@@ -366,11 +366,15 @@ class _GriffinWorkerMixin:
     def griffin_stats(self) -> dict:
         """Live GRIFFIN state of this worker (``LLM.collective_rpc("griffin_stats")``)."""
         state = self.model_runner.griffin
+        try:
+            state.check_invariants()
+            problems = ""
+        except RuntimeError as exc:
+            problems = str(exc)
         return {
-            "slots_in_use": state.slots_in_use,
+            **state.counters(),
+            "inconsistencies": problems,  # "" when the pools, tables and requests agree
             "requests": sorted(state.requests),
-            "prefilling": state.acc_slots.in_use,
-            "slot_capacity": state.slots.capacity,
             "decode_paths": dict(state.path_counts),
             "mean_union_fraction": state.union_fraction_sum / max(1, state.union_samples),
             "union_fraction_sum": state.union_fraction_sum,
@@ -382,7 +386,6 @@ class _GriffinWorkerMixin:
             "refresh_tokens": state.refresh_tokens,
             "prefix_hits": state.prefix_hits,
             "prefix_hit_tokens": state.prefix_hit_tokens,
-            "block_stats_blocks": 0 if state.block_stats is None else state.block_stats.shape[1],
         }
 
 

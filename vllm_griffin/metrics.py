@@ -118,8 +118,14 @@ class GriffinCollector:
         if worker is None:
             return
         for name, doc, key in (
-            ("slots_in_use", "Expert-table slots held by live GRIFFIN requests.", "slots_in_use"),
+            ("slots_in_use", "Expert-table slots the worker's slot pool has handed out.", "slots_in_use"),
             ("slot_capacity", "Expert-table slots allocated in the worker.", "slot_capacity"),
+            ("requests_live", "Requests the worker's GRIFFIN state holds.", "requests_live"),
+            ("accumulators_in_use", "Prompt-statistic accumulators handed out (prompts being read, refreshes).",
+             "acc_in_use"),
+            ("accumulator_capacity", "Prompt-statistic accumulators allocated in the worker.", "acc_capacity"),
+            ("block_stat_rows_written", "KV blocks whose prompt statistic the worker has filled (prefix caching).",
+             "block_stat_rows_written"),
         ):
             gauge = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
             gauge.add_metric(values, worker.get(key, 0))

@@ -145,22 +145,33 @@ class StepPlan:
 
 
 class SlotPool:
-    """Free list of integer slots that doubles its capacity when it runs out."""
+    """Free list of integer slots that doubles its capacity when it runs out. A slot
+    released twice or never handed out is a bookkeeping bug: it raises."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._free = list(range(capacity - 1, -1, -1))
+        self._free = list(range(capacity - 1, -1, -1))  # lowest slot handed out first
+        self._free_set = set(self._free)
 
     def acquire(self) -> tuple[int, bool]:
         grew = False
         if not self._free:
             old, self.capacity = self.capacity, self.capacity * 2
             self._free = list(range(self.capacity - 1, old - 1, -1))
+            self._free_set.update(self._free)
             grew = True
-        return self._free.pop(), grew
+        slot = self._free.pop()
+        self._free_set.discard(slot)
+        return slot, grew
 
     def release(self, slot: int) -> None:
+        if not 0 <= slot < self.capacity or slot in self._free_set:
+            raise ValueError(f"slot {slot} is not in use (capacity {self.capacity})")
         self._free.append(slot)
+        self._free_set.add(slot)
+
+    def is_free(self, slot: int) -> bool:
+        return slot in self._free_set
 
     @property
     def in_use(self) -> int:
@@ -225,6 +236,7 @@ class GriffinState:
         # Prefix caching: [layer, KV block, neuron] the summed contributions of the
         # prompt tokens each KV block holds (see enable_block_stats).
         self.block_stats: torch.Tensor | None = None
+        self.block_rows_written: set[int] = set()  # block rows a prompt has filled (a counter)
         self.block_size = 0
         self.prefix_hits = 0
         self.prefix_hit_tokens = 0
@@ -321,7 +333,44 @@ class GriffinState:
 
     @property
     def slots_in_use(self) -> int:
-        return len(self.requests)
+        """Expert-table slots the slot pool has handed out (one per live request)."""
+        return self.slots.in_use
+
+    def counters(self) -> dict[str, int]:
+        """The pools and tables as they are (griffin_stats, /metrics, the tests)."""
+        return {
+            "requests_live": len(self.requests),
+            "slots_in_use": self.slots.in_use,
+            "slot_capacity": self.slots.capacity,
+            "acc_in_use": self.acc_slots.in_use,
+            "acc_capacity": self.acc_slots.capacity,
+            "prefilling": sum(1 for s in self.requests.values() if not s.selected),
+            "block_stat_rows": 0 if self.block_stats is None else self.block_stats.shape[1],
+            "block_stat_rows_written": len(self.block_rows_written),
+        }
+
+    def check_invariants(self) -> None:
+        """Raise RuntimeError naming each way the pools, tables and requests disagree
+        (between steps: a step's refresh scratch slots are returned in finish_step)."""
+        problems = []
+        slots = [s.slot for s in self.requests.values()]
+        if len(set(slots)) != len(slots):
+            problems.append(f"requests share slots: {sorted(slots)}")
+        if any(self.slots.is_free(s) for s in slots):
+            problems.append("a live request's slot is on the free list")
+        if self.slots.in_use != len(self.requests):
+            problems.append(f"{self.slots.in_use} slots in use for {len(self.requests)} live requests")
+        accs = [s.acc_slot for s in self.requests.values() if s.acc_slot is not None]
+        if len(set(accs)) != len(accs) or any(self.acc_slots.is_free(a) for a in accs):
+            problems.append(f"accumulator slots shared or free: {sorted(accs)}")
+        if self.acc_slots.in_use != len(accs):
+            problems.append(f"{self.acc_slots.in_use} accumulator slots in use, {len(accs)} held by requests")
+        if self.experts.shape[1] != self.slots.capacity or self.masks.shape[1] != self.slots.capacity:
+            problems.append(f"tables have {self.experts.shape[1]} rows for {self.slots.capacity} slots")
+        if self.acc.shape[1] != self.acc_slots.capacity:
+            problems.append(f"accumulator has {self.acc.shape[1]} rows for {self.acc_slots.capacity} slots")
+        if problems:
+            raise RuntimeError("GRIFFIN state inconsistent: " + "; ".join(problems))
 
     # -- one step ---------------------------------------------------------------------
 
@@ -767,6 +816,7 @@ class _Captures:
         if self.zero_rows:
             # A block filled from its first token holds new content (vLLM reuses blocks).
             state_tbl.block_stats[:, to(self.zero_rows)] = 0
+            state_tbl.block_rows_written.update(self.zero_rows)
 
 
 # Set bits of each byte value (popcount of packed masks).
