@@ -70,6 +70,23 @@ def test_plugin_flags_fold_into_additional_config():
     assert parse_serve(["m", "--plugin", "griffin"]).additional_config == {"griffin": {}}
 
 
+def test_several_api_servers_warn_once_that_griffin_metrics_are_not_exported(monkeypatch, caplog):
+    from vllm_griffin import serving
+
+    monkeypatch.setattr(serving, "_warned_api_servers", False)
+    with caplog.at_level("WARNING", logger="vllm.griffin.serving"):
+        parse_serve(["m", "--plugin", "griffin", "--api-server-count", "2"])
+        parse_serve(["m", "--plugin", "griffin", "--api-server-count", "2"])
+    warnings = [r.getMessage() for r in caplog.records if "api-server-count" in r.getMessage()]
+    assert len(warnings) == 1 and "vllm:griffin_*" in warnings[0]
+    monkeypatch.setattr(serving, "_warned_api_servers", False)
+    with caplog.at_level("WARNING", logger="vllm.griffin.serving"):
+        caplog.clear()
+        parse_serve(["m", "--plugin", "griffin"])                  # one API server
+        parse_serve(["m", "--api-server-count", "2"])             # GRIFFIN off
+    assert not [r for r in caplog.records if "api-server-count" in r.getMessage()]
+
+
 def test_without_plugin_serving_is_plain_vllm():
     assert "griffin" not in (parse_serve(["m"]).additional_config or {})
 

@@ -20,8 +20,12 @@ Exported (``_total``/``_sum``/``_count``/``_bucket`` suffixes as Prometheus adds
 ==========================================  ========  ==============================================
 ``vllm:griffin_requests_total{method}``     counter   requests accepted with GRIFFIN on
 ``vllm:griffin_request_density``            histogram each request's density (1.0 = dense)
-``vllm:griffin_slots_in_use``               gauge     expert-table slots held by live requests
+``vllm:griffin_slots_in_use``               gauge     expert-table slots the slot pool handed out
 ``vllm:griffin_slot_capacity``              gauge     expert-table slots allocated
+``vllm:griffin_requests_live``              gauge     requests the worker's GRIFFIN state holds
+``vllm:griffin_accumulators_in_use``        gauge     prompt-statistic accumulators handed out
+``vllm:griffin_accumulator_capacity``       gauge     prompt-statistic accumulators allocated
+``vllm:griffin_block_stat_rows_written``    gauge     KV blocks whose prompt statistic was filled
 ``vllm:griffin_decode_union_fraction``      summary   share of FF neurons a multi-row decode layer-step
                                                       needs (union of its rows' experts)
 ``vllm:griffin_decode_layer_steps_total``   counter   decode layer-steps by kernel path
@@ -31,7 +35,7 @@ Exported (``_total``/``_sum``/``_count``/``_bucket`` suffixes as Prometheus adds
 
 Limits: with ``--api-server-count > 1`` vLLM serves /metrics from Prometheus'
 multiprocess files, which this collector does not write, so nothing of GRIFFIN's
-is exported there; with data parallelism the worker figures are engine 0's.
+is exported there (serving.warn_api_server_count says so once at start-up); with data parallelism the worker figures are engine 0's.
 """
 
 from __future__ import annotations

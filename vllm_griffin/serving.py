@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm_griffin.algorithm import METHODS
-from vllm_griffin.config import CONFIG_KEY, GriffinConfigError, check_density, check_method
+from vllm_griffin.config import CONFIG_KEY, GriffinConfig, GriffinConfigError, check_density, check_method
 
 logger = logging.getLogger("vllm.griffin.serving")
 
@@ -68,6 +68,7 @@ def install_cli_hooks() -> None:
     @functools.wraps(original_from)
     def from_cli_args_with_griffin(cls, args: argparse.Namespace):
         fold_into_additional_config(args)
+        warn_api_server_count(args)
         return original_from(cls, args)
 
     add_cli_args_with_griffin._griffin_wrapped = True
@@ -86,6 +87,24 @@ def _compat_failure(what: str) -> None:
     logger.debug(message)
 
 
+_warned_api_servers = False
+
+
+def warn_api_server_count(args: argparse.Namespace) -> bool:
+    """One warning at start-up when GRIFFIN is on behind several API server processes:
+    vLLM then serves /metrics from Prometheus' multiprocess files, which GRIFFIN's
+    collector does not write. Returns whether it warned."""
+    global _warned_api_servers
+    count = getattr(args, "api_server_count", None) or 1
+    if count <= 1 or CONFIG_KEY not in (getattr(args, "additional_config", None) or {}) or _warned_api_servers:
+        return False
+    _warned_api_servers = True
+    logger.warning("GRIFFIN: --api-server-count %d: /metrics will not include the vllm:griffin_* metrics "
+                   "(Prometheus multiprocess mode); GRIFFIN itself runs as usual. Read them with one API "
+                   "server, or from the worker with collective_rpc(\"griffin_stats\").", count)
+    return True
+
+
 def add_griffin_arguments(parser) -> None:
     if "--plugin" in getattr(parser, "_option_string_actions", {}):
         return  # already added to this parser (or another plugin owns --plugin)
@@ -100,7 +119,8 @@ def add_griffin_arguments(parser) -> None:
                        help="fraction of FF neurons each sequence keeps, 0 < D <= 1; GRIFFIN's default is 0.5.")
     group.add_argument("--griffin-method", dest=_DEST_METHOD, metavar="M", type=_method_arg,
                        default=argparse.SUPPRESS,
-                       help=f"expert selection: {', '.join(METHODS)}; GRIFFIN's default is topk (the paper's).")
+                       help=f"expert selection: {', '.join(METHODS)}; GRIFFIN's default is {GriffinConfig().method} "
+                            "(topk is the paper's).")
 
 
 def _density_arg(text: str) -> float:
