@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_griffin import serving
 
     serving.add_parser(sub)
+    from vllm_griffin import soak
+
+    soak.add_parser(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "func"):
         return args.func(args)

@@ -26,16 +26,34 @@ FLAT_PREFIX = "griffin_"
 class GriffinConfigError(ValueError):
     """A GRIFFIN setting with a bad value; the message names the key, the value and what is allowed."""
 
-    def __init__(self, key: str, value: Any, allowed: str, where: str):
-        self.key = key
-        super().__init__(f"{where} {key}={value!r} is invalid; allowed: {allowed}")
+    def __init__(self, key: Any, value: Any, allowed: str, where: str):
+        self.key = key if isinstance(key, str) else _short_repr(key)
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{where} {self.key}={_short_repr(value)} is invalid; allowed: {allowed}")
+
+
+# Longest value repr an error message quotes; fuzzed or pasted junk can be megabytes.
+_MAX_REPR = 200
+
+
+def _short_repr(value: Any) -> str:
+    # repr itself can fail on junk: ints over sys.get_int_max_str_digits() (ValueError),
+    # deeply nested lists (RecursionError). The message must still name the key.
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<unprintable {type(value).__name__}>"
+    return text if len(text) <= _MAX_REPR else f"{text[:_MAX_REPR]}... ({len(text)} chars)"
 
 
 def check_density(value: Any, key: str, where: str) -> float:
     allowed = "a number with 0 < density <= 1 (1.0 = dense)"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise GriffinConfigError(key, value, allowed, where)
-    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+    # No math.isfinite on ints: 10**400 would raise OverflowError. The chained comparison
+    # is exact for any int and False for NaN and +-inf.
+    if isinstance(value, float) and not math.isfinite(value) or not 0.0 < value <= 1.0:
         raise GriffinConfigError(key, value, allowed, where)
     return float(value)
 
@@ -78,7 +96,9 @@ class GriffinConfig:
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> GriffinConfig | None:
         """The validated config, or None when GRIFFIN is not switched on."""
-        if not additional_config or CONFIG_KEY not in additional_config:
+        # vLLM types additional_config as `dict | SupportsHash`: anything not a mapping
+        # belongs to someone else and has no "griffin" key.
+        if not isinstance(additional_config, Mapping) or CONFIG_KEY not in additional_config:
             return None
         raw = additional_config[CONFIG_KEY]
         where = 'additional_config["griffin"]:'
@@ -86,7 +106,8 @@ class GriffinConfig:
             raw = {}
         if not isinstance(raw, Mapping):
             raise GriffinConfigError("griffin", raw, "a JSON object such as {\"density\": 0.5}", "additional_config:")
-        unknown = sorted(set(raw) - set(ENGINE_KEYS))
+        # sorted by repr: JSON keys are strings, but a Python caller's may be anything (1, None).
+        unknown = sorted(set(raw) - set(ENGINE_KEYS), key=_short_repr)
         if unknown:
             raise GriffinConfigError(unknown[0], raw[unknown[0]], "keys " + ", ".join(ENGINE_KEYS), where)
         kwargs: dict[str, Any] = {}
@@ -96,7 +117,9 @@ class GriffinConfig:
             kwargs["method"] = check_method(raw["method"], "method", where)
         if raw.get("densities") is not None:
             dens = raw["densities"]
-            if isinstance(dens, (str, bytes)) or not hasattr(dens, "__iter__") or len(dens) == 0:
+            # A list (JSON array) or tuple only: a dict, set or generator would "iterate" into
+            # densities nobody wrote (a dict's keys) or an order nobody chose (a set's).
+            if not isinstance(dens, (list, tuple)) or len(dens) == 0:
                 raise GriffinConfigError("densities", dens, "a non-empty list with one density per layer", where)
             kwargs["densities"] = tuple(check_density(d, f"densities[{i}]", where) for i, d in enumerate(dens))
         if "seed" in raw:
@@ -146,6 +169,8 @@ def parse_request_options(extra_args: Mapping[str, Any] | None) -> RequestOption
     if not extra_args:
         return RequestOptions()
     where = "request extra_args:"
+    if not isinstance(extra_args, Mapping):
+        raise GriffinConfigError("extra_args", extra_args, "an object (dict) of named arguments", "request:")
     found: dict[str, tuple[str, Any]] = {}
     if CONFIG_KEY in extra_args:
         nested = extra_args[CONFIG_KEY]
@@ -153,27 +178,40 @@ def parse_request_options(extra_args: Mapping[str, Any] | None) -> RequestOption
             raise GriffinConfigError("griffin", nested, "an object with keys " + ", ".join(REQUEST_KEYS), where)
         for key, value in nested.items():
             if key not in REQUEST_KEYS:
-                raise GriffinConfigError(f"griffin.{key}", value, "keys " + ", ".join(REQUEST_KEYS), where)
+                name = "griffin." + (key if isinstance(key, str) else _short_repr(key))
+                raise GriffinConfigError(name, value, "keys " + ", ".join(REQUEST_KEYS), where)
             found[key] = (f"griffin.{key}", value)
+    flat: dict[str, tuple[str, Any]] = {}
     for flat_key, value in extra_args.items():
-        if not flat_key.startswith(FLAT_PREFIX):
+        # Other extensions' keys may be anything in a Python caller's dict; only ours are read.
+        if not isinstance(flat_key, str) or not flat_key.startswith(FLAT_PREFIX):
             continue
         key = flat_key[len(FLAT_PREFIX):]
         if key not in REQUEST_KEYS:
             allowed = ", ".join(FLAT_PREFIX + k for k in REQUEST_KEYS)
             raise GriffinConfigError(flat_key, value, "keys " + allowed, where)
-        found[key] = (flat_key, value)
-    density = method = refresh = None
-    if "refresh" in found:
-        name, value = found["refresh"]
-        refresh = check_refresh(_maybe_number(value), name, where)
-    if "density" in found:
-        name, value = found["density"]
-        density = check_density(_maybe_number(value), name, where)
-    if "method" in found:
-        name, value = found["method"]
-        method = check_method(value, name, where)
-    return RequestOptions(density=density, method=method, refresh=refresh)
+        flat[key] = (flat_key, value)
+    checks = {"refresh": check_refresh, "density": check_density, "method": check_method}
+    parsed: dict[str, Any] = {}
+    for key, check in checks.items():
+        # Each spelling is checked on its own, so an error names the field that holds the bad value.
+        given = [entry for entry in (found.get(key), flat.get(key)) if entry is not None]
+        values = [_checked(check, name, value, where) for name, value in given]
+        if len(values) == 2 and values[0] != values[1]:
+            raise GriffinConfigError(
+                f"{found[key][0]} / {flat[key][0]}", (found[key][1], flat[key][1]),
+                "one value: give the option once, or the same value in both spellings", where)
+        if values:
+            parsed[key] = values[0]
+    return RequestOptions(**parsed)
+
+
+def _checked(check, name: str, value: Any, where: str) -> Any:
+    try:
+        return check(value if check is check_method else _maybe_number(value), name, where)
+    except GriffinConfigError as exc:
+        # Quote what the client sent ("1e-400"), not what it parsed to (0.0).
+        raise GriffinConfigError(name, value, exc.allowed, where) from None
 
 
 def _maybe_number(value: Any) -> Any:

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from vllm_griffin.architectures import spec_for
+from vllm_griffin.compat import TESTED_VLLM_VERSIONS
 from vllm_griffin.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
 
 logger = logging.getLogger("vllm.griffin")
@@ -33,7 +34,7 @@ logger = logging.getLogger("vllm.griffin")
 BASE_WORKER_KEY = "_griffin_base_worker_cls"
 # ... and the scheduler class GriffinScheduler builds (None: vLLM's default).
 BASE_SCHEDULER_KEY = "_griffin_base_scheduler_cls"
-TESTED_VLLM = "0.32.0"
+TESTED_VLLM = " and ".join(TESTED_VLLM_VERSIONS)
 
 _REQUIRED_RUNNER_ATTRS = ("load_model", "_model_forward", "_on_request_state_removed", "input_batch",
                           "query_start_loc", "requests", "get_model")

@@ -344,7 +344,7 @@ class GriffinState:
             "slot_capacity": self.slots.capacity,
             "acc_in_use": self.acc_slots.in_use,
             "acc_capacity": self.acc_slots.capacity,
-            "prefilling": sum(1 for s in self.requests.values() if not s.selected),
+            "prefilling": sum(1 for s in self.requests.values() if not s.selected and not s.dense),
             "block_stat_rows": 0 if self.block_stats is None else self.block_stats.shape[1],
             "block_stat_rows_written": len(self.block_rows_written),
         }
