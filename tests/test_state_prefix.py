@@ -118,3 +118,20 @@ def test_resumed_from_a_cache_hit_keeps_its_experts_and_counts_a_restart():
     assert state.restarts == 1 and not plan.finishing and not plan.block_hits
     assert plan.sparse_idx.tolist() == [4, 5, 6]
     assert [e.tolist() for e in state.experts_of("a")] == before
+
+
+def test_a_reused_block_row_holds_only_its_new_prompt():
+    """vLLM evicts and reuses KV blocks: a block refilled by another prompt must start its
+    statistic row from zero, or a later hit on it adds the old prompt's tokens too."""
+    state = make_state()
+    za = torch.randn(9, WIDTH)
+    step(state, [StepRow("a", 9, 0, 9, block_ids=[7, 8, 9])], [za])  # fills rows 7 and 8
+    state.release("a")
+    # Blocks 7 and 8 evicted; c's prompt (new tokens) fills them again from their first token.
+    zc = torch.randn(9, WIDTH)
+    step(state, [StepRow("c", 9, 0, 9, block_ids=[7, 8, 11])], [zc])
+    assert [e.tolist() for e in state.experts_of("c")] == want_experts(zc)
+    # d shares c's first 8 tokens: a hit on blocks 7 and 8 must stand for c's tokens alone.
+    zd = torch.cat([zc[:8], torch.randn(5, WIDTH)])
+    step(state, [StepRow("d", 13, 8, 5, block_ids=[7, 8, 12, 13])], [zd[8:]])
+    assert [e.tolist() for e in state.experts_of("d")] == want_experts(zd)
