@@ -148,6 +148,42 @@ static inline __attribute__((always_inline)) void axpy_neurons_##SUFFIX(float* y
     for (int64_t k = i; k < H; k++)                                                             \
         for (int n = 0; n < nn; n++) y[k] = fmaf(TOF(downs[n][k]), h[n], y[k]);                 \
 }                                                                                               \
+/* The helpers above for a run-time count of 1-4: each case a constant, so the                  \
+   compiler keeps the accumulators in registers. */                                             \
+static void dots_neurons_n_##SUFFIX(const WT* const* gates, const WT* const* ups, const float* x, int nn,\
+                                    int64_t H, float* g, float* u) {                            \
+    switch (nn) {                                                                               \
+        case 4: dots_neurons_##SUFFIX(gates, ups, x, 4, H, g, u); break;                        \
+        case 3: dots_neurons_##SUFFIX(gates, ups, x, 3, H, g, u); break;                        \
+        case 2: dots_neurons_##SUFFIX(gates, ups, x, 2, H, g, u); break;                        \
+        default: dots_neurons_##SUFFIX(gates, ups, x, 1, H, g, u);                              \
+    }                                                                                           \
+}                                                                                               \
+static void dots_rows_n_##SUFFIX(const WT* gate, const WT* up, const float* const* xs, int nr, int64_t H,\
+                                 float* g, float* u) {                                          \
+    switch (nr) {                                                                               \
+        case 4: dots_rows_##SUFFIX(gate, up, xs, 4, H, g, u); break;                            \
+        case 3: dots_rows_##SUFFIX(gate, up, xs, 3, H, g, u); break;                            \
+        case 2: dots_rows_##SUFFIX(gate, up, xs, 2, H, g, u); break;                            \
+        default: dots_rows_##SUFFIX(gate, up, xs, 1, H, g, u);                                  \
+    }                                                                                           \
+}                                                                                               \
+static void axpy_neurons_n_##SUFFIX(float* y, const float* h, int nn, const WT* const* downs, int64_t H) {\
+    switch (nn) {                                                                               \
+        case 4: axpy_neurons_##SUFFIX(y, h, 4, downs, H); break;                                \
+        case 3: axpy_neurons_##SUFFIX(y, h, 3, downs, H); break;                                \
+        case 2: axpy_neurons_##SUFFIX(y, h, 2, downs, H); break;                                \
+        default: axpy_neurons_##SUFFIX(y, h, 1, downs, H);                                      \
+    }                                                                                           \
+}                                                                                               \
+static void axpy_rows_n_##SUFFIX(float* const* ys, const float* h, int nr, const WT* down, int64_t H) {\
+    switch (nr) {                                                                               \
+        case 4: axpy_rows_##SUFFIX(ys, h, 4, down, H); break;                                   \
+        case 3: axpy_rows_##SUFFIX(ys, h, 3, down, H); break;                                   \
+        case 2: axpy_rows_##SUFFIX(ys, h, 2, down, H); break;                                   \
+        default: axpy_rows_##SUFFIX(ys, h, 1, down, H);                                         \
+    }                                                                                           \
+}                                                                                               \
 void griffin_experts_rows_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up,            \
         const WT* w_down, int64_t stride, const int64_t* experts, const int64_t* counts,        \
         float* out, int64_t T, int64_t H, int64_t D, int64_t K, int act) {                      \
@@ -164,20 +200,9 @@ void griffin_experts_rows_##SUFFIX(const float* x, const WT* w_gate, const WT* w
                 gates[n] = w_gate + j * stride; ups[n] = w_up + j * stride;                     \
                 downs[n] = w_down + j * stride;                                                 \
             }                                                                                   \
-            /* constant counts let the compiler keep the accumulators in registers */           \
-            switch (nn) {                                                                       \
-                case 4: dots_neurons_##SUFFIX(gates, ups, x + t * H, 4, H, g, u); break;        \
-                case 3: dots_neurons_##SUFFIX(gates, ups, x + t * H, 3, H, g, u); break;        \
-                case 2: dots_neurons_##SUFFIX(gates, ups, x + t * H, 2, H, g, u); break;        \
-                default: dots_neurons_##SUFFIX(gates, ups, x + t * H, 1, H, g, u);              \
-            }                                                                                   \
+            dots_neurons_n_##SUFFIX(gates, ups, x + t * H, nn, H, g, u);                        \
             for (int n = 0; n < nn; n++) h[n] = act_fn(g[n], act) * u[n];                       \
-            switch (nn) {                                                                       \
-                case 4: axpy_neurons_##SUFFIX(y, h, 4, downs, H); break;                        \
-                case 3: axpy_neurons_##SUFFIX(y, h, 3, downs, H); break;                        \
-                case 2: axpy_neurons_##SUFFIX(y, h, 2, downs, H); break;                        \
-                default: axpy_neurons_##SUFFIX(y, h, 1, downs, H);                              \
-            }                                                                                   \
+            axpy_neurons_n_##SUFFIX(y, h, nn, downs, H);                                        \
         }                                                                                       \
     }                                                                                           \
 }                                                                                               \
@@ -204,19 +229,9 @@ void griffin_experts_union_##SUFFIX(const float* x, const WT* w_gate, const WT* 
                 xs[r] = x + t * H; ys[r] = out + t * H;                                         \
             }                                                                                   \
             const WT *gate = w_gate + j * stride, *up = w_up + j * stride;                      \
-            switch (nr) {                                                                       \
-                case 4: dots_rows_##SUFFIX(gate, up, xs, 4, H, g, u); break;                    \
-                case 3: dots_rows_##SUFFIX(gate, up, xs, 3, H, g, u); break;                    \
-                case 2: dots_rows_##SUFFIX(gate, up, xs, 2, H, g, u); break;                    \
-                default: dots_rows_##SUFFIX(gate, up, xs, 1, H, g, u);                          \
-            }                                                                                   \
+            dots_rows_n_##SUFFIX(gate, up, xs, nr, H, g, u);                                    \
             for (int r = 0; r < nr; r++) h[r] = act_fn(g[r], act) * u[r];                       \
-            switch (nr) {                                                                       \
-                case 4: axpy_rows_##SUFFIX(ys, h, 4, w_down + j * stride, H); break;            \
-                case 3: axpy_rows_##SUFFIX(ys, h, 3, w_down + j * stride, H); break;            \
-                case 2: axpy_rows_##SUFFIX(ys, h, 2, w_down + j * stride, H); break;            \
-                default: axpy_rows_##SUFFIX(ys, h, 1, w_down + j * stride, H);                  \
-            }                                                                                   \
+            axpy_rows_n_##SUFFIX(ys, h, nr, w_down + j * stride, H);                            \
         }                                                                                       \
     }                                                                                           \
     free(users);                                                                                \
@@ -385,12 +400,7 @@ void griffin_gated_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up, co
                 }                                                                               \
                 dot_rows_n_##SUFFIX(w_up + j * stride, xs, nr, H, u);                           \
                 for (int r = 0; r < nr; r++) h[r] = act_fn(g[at[j * T + first + r]], act) * u[r]; \
-                switch (nr) {                                                                   \
-                    case 4: axpy_rows_##SUFFIX(ys, h, 4, w_down + j * stride, H); break;        \
-                    case 3: axpy_rows_##SUFFIX(ys, h, 3, w_down + j * stride, H); break;        \
-                    case 2: axpy_rows_##SUFFIX(ys, h, 2, w_down + j * stride, H); break;        \
-                    default: axpy_rows_##SUFFIX(ys, h, 1, w_down + j * stride, H);              \
-                }                                                                               \
+                axpy_rows_n_##SUFFIX(ys, h, nr, w_down + j * stride, H);                        \
             }                                                                                   \
         free(users);                                                                            \
         free(at);                                                                               \
@@ -411,12 +421,7 @@ void griffin_gated_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up, co
                 dot_neurons_n_##SUFFIX(ups, x + t * H, nn, H, u);                               \
                 for (int n = 0; n < nn; n++) h[n] = act_fn(gs[n], act) * u[n];                  \
                 float* y = out + t * H;                                                         \
-                switch (nn) {                                                                   \
-                    case 4: axpy_neurons_##SUFFIX(y, h, 4, downs, H); break;                    \
-                    case 3: axpy_neurons_##SUFFIX(y, h, 3, downs, H); break;                    \
-                    case 2: axpy_neurons_##SUFFIX(y, h, 2, downs, H); break;                    \
-                    default: axpy_neurons_##SUFFIX(y, h, 1, downs, H);                          \
-                }                                                                               \
+                axpy_neurons_n_##SUFFIX(y, h, nn, downs, H);                                    \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
