@@ -87,6 +87,19 @@ def test_several_api_servers_warn_once_that_griffin_metrics_are_not_exported(mon
     assert not [r for r in caplog.records if "api-server-count" in r.getMessage()]
 
 
+def test_serving_with_griffin_checks_request_options_before_a_stream_starts():
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    parse_serve(["m", "--plugin", "griffin"])  # a GRIFFIN server's process: the hooks are in place
+    bad = CompletionRequest(model="m", prompt="hi", max_tokens=4, stream=True, vllm_xargs={"griffin_density": 7})
+    with pytest.raises(VLLMValidationError, match="griffin_density=7 is invalid; allowed") as info:
+        bad.to_sampling_params(4, {})
+    assert info.value.parameter == "griffin_density"
+    good = CompletionRequest(model="m", prompt="hi", max_tokens=4, vllm_xargs={"griffin_density": 0.25})
+    assert good.to_sampling_params(4, {}).extra_args == {"griffin_density": 0.25}
+
+
 def test_without_plugin_serving_is_plain_vllm():
     assert "griffin" not in (parse_serve(["m"]).additional_config or {})
 
@@ -375,12 +388,14 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
 @pytest.mark.parametrize("bad_xargs, field, allowed", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_griffin_values_are_http_400_naming_the_field(server, endpoint, bad_xargs, field, allowed):
+def test_bad_griffin_values_are_http_400_naming_the_field(server, endpoint, bad_xargs, field, allowed, stream):
     import httpx
 
-    body = {"model": MODEL_NAME, "max_tokens": 4, "temperature": 0}
+    # Streamed too: GRIFFIN checks the options before vLLM sends a stream's 200 header.
+    body = {"model": MODEL_NAME, "max_tokens": 4, "temperature": 0, "stream": stream}
     body.update({"prompt": "Hi"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "Hi"}]})
     # Raw JSON text: the openai client refuses to send NaN, a JSON parser on the server accepts it.
     text = json.dumps(body)[:-1] + f', "vllm_xargs": {bad_xargs}}}'

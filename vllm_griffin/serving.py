@@ -69,6 +69,8 @@ def install_cli_hooks() -> None:
     def from_cli_args_with_griffin(cls, args: argparse.Namespace):
         fold_into_additional_config(args)
         warn_api_server_count(args)
+        if CONFIG_KEY in (getattr(args, "additional_config", None) or {}):
+            validate_openai_requests()  # this process serves GRIFFIN requests
         return original_from(cls, args)
 
     add_cli_args_with_griffin._griffin_wrapped = True
@@ -88,6 +90,42 @@ def _compat_failure(what: str) -> None:
 
 
 _warned_api_servers = False
+# Where vLLM's OpenAI server turns a request into SamplingParams (vLLM 0.32 and 0.33).
+REQUEST_CLASSES = (("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+                   ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"))
+
+
+def validate_openai_requests() -> bool:
+    """Check a request's GRIFFIN options (``vllm_xargs``) where vLLM's OpenAI server builds its
+    SamplingParams, before any response starts: a bad *streamed* request then gets HTTP 400
+    too. (vLLM validates ``extra_args`` when the engine takes a request, which for a stream
+    is after its 200 header: the error would come as an event inside the stream.) Returns
+    whether the hooks are in place; if vLLM moved them, one warning and the later check stays."""
+    import importlib
+
+    from vllm_griffin.integration import validate_sampling_params
+
+    for module, name in REQUEST_CLASSES:
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            original = cls.__dict__["to_sampling_params"]
+        except (ImportError, AttributeError, KeyError):
+            logger.warning("GRIFFIN: %s.%s.to_sampling_params not found in this vLLM; a bad GRIFFIN option on "
+                           "a streamed request is reported inside the stream instead of as HTTP 400",
+                           module, name)
+            return False
+        if getattr(original, "_griffin_wrapped", False):
+            continue
+
+        @functools.wraps(original)
+        def to_sampling_params(self, *args, _original=original, **kwargs):
+            params = _original(self, *args, **kwargs)
+            validate_sampling_params(params)  # vLLM's validation error: HTTP 400 naming the field
+            return params
+
+        to_sampling_params._griffin_wrapped = True
+        setattr(cls, "to_sampling_params", to_sampling_params)
+    return True
 
 
 def warn_api_server_count(args: argparse.Namespace) -> bool:

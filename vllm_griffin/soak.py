@@ -5,9 +5,9 @@
 Traffic, from ``--concurrency`` clients until the time is up: completions and chat,
 streaming and not, random prompt and output lengths, random densities (some dense)
 and methods, about ``--abort-share`` of the streams closed mid-stream, and
-``--bad-share`` of requests with a bad GRIFFIN option (each must be rejected: HTTP 400,
-or for a stream, whose 200 header vLLM sends before the engine validates, an error
-event naming the option). The
+``--bad-share`` of requests with a bad GRIFFIN option (each must get HTTP 400; an error
+event inside a stream, naming the option, is counted apart: what vLLM alone would do,
+since it validates after a stream's 200 header, and GRIFFIN checks before it). The
 KV cache is kept small (``--kv-blocks``) so vLLM preempts.
 
 Once per ``--interval`` it samples the server's RSS (server and engine processes),
