@@ -183,7 +183,7 @@ def test_script_reads_the_compat_table(hook_script):
 
     assert hook_script.ALL_HOOKS is compat.ALL_HOOKS
     assert hook_script.HOOK_FINGERPRINTS is compat.HOOK_FINGERPRINTS
-    assert set(compat.ALL_HOOKS) == set(compat.ENGINE_HOOKS) | set(compat.GRAPH_HOOKS)
+    assert set(compat.ALL_HOOKS) == set(compat.ENGINE_HOOKS) | set(compat.GRAPH_HOOKS) | set(compat.SERVE_HOOKS)
     assert set(compat.HOOK_FINGERPRINTS) == {f"{m}:{p}" for m, p in compat.ALL_HOOKS}
 
 

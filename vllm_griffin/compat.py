@@ -78,8 +78,15 @@ GRAPH_HOOKS: tuple[tuple[str, str], ...] = (
 )
 
 
+# `vllm serve` with GRIFFIN on: per-request options checked where the OpenAI server builds
+# SamplingParams (serving.validate_openai_requests, which checks these itself when serving).
+SERVE_HOOKS: tuple[tuple[str, str], ...] = (
+    ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest.to_sampling_params"),
+    ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest.to_sampling_params"),
+)
+
 # Every hook once, in table order: what check_vllm_hooks.py checks.
-ALL_HOOKS: tuple[tuple[str, str], ...] = tuple(dict.fromkeys(ENGINE_HOOKS + GRAPH_HOOKS))
+ALL_HOOKS: tuple[tuple[str, str], ...] = tuple(dict.fromkeys(ENGINE_HOOKS + GRAPH_HOOKS + SERVE_HOOKS))
 
 # "module:path" -> the "<signature>.<body>" fingerprints of that hook's source in the tested
 # versions (benchmarks/check_vllm_hooks.py computes them from vLLM's source with `ast`;
@@ -124,6 +131,11 @@ HOOK_FINGERPRINTS: dict[str, tuple[str, ...]] = {
     "vllm.v1.worker.gpu.input_batch:InputBatch.make_dummy": ("a1cf052d9a3b.9e03500a5962",),
     "vllm.forward_context:is_forward_context_available": ("de12a76b7b1b.2d8c03523d7c",),
     "vllm.config.compilation:CUDAGraphMode.FULL_AND_PIECEWISE": ("cd42404d52ad.fadfae29d417",),
+    # GRIFFIN calls these and checks the SamplingParams they return: their bodies may move.
+    "vllm.entrypoints.openai.completion.protocol:CompletionRequest.to_sampling_params":
+        ("2219cd2bb6ad.ee23fb3115ae", "2219cd2bb6ad.609bc37e766f"),  # 0.32.0, 0.33.0
+    "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.to_sampling_params":
+        ("11cf45a1730c.f647a1ff24f6", "11cf45a1730c.b17bf4697ad2"),  # 0.32.0, 0.33.0
 }
 
 

@@ -90,9 +90,6 @@ def _compat_failure(what: str) -> None:
 
 
 _warned_api_servers = False
-# Where vLLM's OpenAI server turns a request into SamplingParams (vLLM 0.32 and 0.33).
-REQUEST_CLASSES = (("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
-                   ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"))
 
 
 def validate_openai_requests() -> bool:
@@ -105,10 +102,13 @@ def validate_openai_requests() -> bool:
 
     from vllm_griffin.integration import validate_sampling_params
 
-    for module, name in REQUEST_CLASSES:
+    from vllm_griffin.compat import SERVE_HOOKS
+
+    for module, path in SERVE_HOOKS:  # where vLLM's OpenAI server turns a request into SamplingParams
+        name, attr = path.split(".")
         try:
             cls = getattr(importlib.import_module(module), name)
-            original = cls.__dict__["to_sampling_params"]
+            original = cls.__dict__[attr]
         except (ImportError, AttributeError, KeyError):
             logger.warning("GRIFFIN: %s.%s.to_sampling_params not found in this vLLM; a bad GRIFFIN option on "
                            "a streamed request is reported inside the stream instead of as HTTP 400",
@@ -124,7 +124,7 @@ def validate_openai_requests() -> bool:
             return params
 
         to_sampling_params._griffin_wrapped = True
-        setattr(cls, "to_sampling_params", to_sampling_params)
+        setattr(cls, attr, to_sampling_params)
     return True
 
 
