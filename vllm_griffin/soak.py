@@ -18,7 +18,8 @@ generated tokens per second. It fails (exit 1) when
 * the slots in use exceed the live requests in two samples running, or any slot or
   accumulator is still held once the traffic has stopped;
 * the RSS grows over the second half by more than ``--rss-growth`` (a fraction);
-* a sample of completed greedy requests gives other tokens when run again alone.
+* a sample of completed greedy requests gives other tokens when run again alone, beyond
+  a near-tie where the two part (top-2 log-prob margin under 0.1; 0.5 for `gated`).
 
 The figures are printed and written to ``--out`` (JSON).
 """
@@ -358,6 +359,11 @@ async def _soak(args: argparse.Namespace, server: Server) -> dict:
 # Greedy answers may part where the top two tokens are this close (log-probability):
 # float32 sums in another batch order can flip such a choice, GRIFFIN or not.
 NEAR_TIE = 0.1  # as the engine's oracle tests (tests/oracle.py)
+# `gated` picks each token's experts among thousands of float32 gates: in a batch (vLLM's
+# GEMM) and alone (GRIFFIN's kernel) the gates are summed in another order, near-ties at the
+# top-k boundary flip, and the flips move logits by a few tenths (tests/test_engine_trained.py
+# bounds it against the oracle: under 0.5 but for one token in a text).
+NEAR_TIE_GATED = 0.5
 
 
 def _names_option(message: str, options: dict) -> bool:
@@ -382,8 +388,9 @@ async def _check_alone(client, tally: Tally, count: int, rng: random.Random) -> 
                 break
         if parted is None and len(first) != len(again):
             parted = min(len(first), len(again))
+        gated = (req["extra_body"] or {}).get("griffin_method", "gated") == "gated"  # the default
         tie = parted is not None and parted < min(len(first), len(again)) and min(
-            first[parted][1], again[parted][1]) < NEAR_TIE
+            first[parted][1], again[parted][1]) < (NEAR_TIE_GATED if gated else NEAR_TIE)
         margins = None
         if parted is not None and parted < min(len(first), len(again)):
             margins = [round(first[parted][1], 4), round(again[parted][1], 4)]
