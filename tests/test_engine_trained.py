@@ -103,16 +103,17 @@ def test_trained_model_matches_oracle(engines, name, tmp_path_factory):
                                             forced=tokens)
             assert_greedy_under_oracle(want, f"{name} {method} refresh={refresh} prompt {i}", tokenizer, tokens)
     # The check can fail: the last variant's texts (gated, refresh 5) are not all greedy
-    # under the paper's topk.
-    failed = 0
-    for prompt, out in zip(together + batch[1:2], got):
-        tokens = list(out.outputs[0].token_ids)
-        try:
-            assert_greedy_under_oracle(griffin_generate_variant(model, prompt, 0.5, MAX_TOKENS, forced=tokens),
-                                       "gated under topk", tokenizer, tokens)
-        except AssertionError:
-            failed += 1
-    assert failed > 0
+    # under the paper's topk. Checked on one model: the oracle runs are the test's cost.
+    if name == "smollm2-135m-instruct":
+        failed = 0
+        for prompt, out in zip(together + batch[1:2], got):
+            tokens = list(out.outputs[0].token_ids)
+            try:
+                assert_greedy_under_oracle(griffin_generate_variant(model, prompt, 0.5, MAX_TOKENS, forced=tokens),
+                                           "gated under topk", tokenizer, tokens)
+            except AssertionError:
+                failed += 1
+        assert failed > 0
     stats = llm.collective_rpc("griffin_stats")[0]
     assert stats["refresh_tokens"] >= 2 * (MAX_TOKENS - 2) // 4  # refreshes happened
     paths = stats["decode_paths"]
