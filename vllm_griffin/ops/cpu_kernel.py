@@ -107,18 +107,26 @@ def supports(weights: ExpertWeights | None, activation: str | None) -> bool:
             and weights.gate.dtype in _WEIGHT_SUFFIX and load() is not None)
 
 
-def experts_mlp_cpu(x, weights: ExpertWeights, experts, counts, activation: str, order: str) -> torch.Tensor:
-    """``order`` is "rows" (weights streamed per row) or "union" (once per step); same numbers."""
-    lib = load()
+def _expert_call(x, weights: ExpertWeights, experts, counts):
+    """What both expert kernels take first: x as float32 rows, the weights' four pointers and
+    stride, int64 experts and counts, and the float32 output they write."""
     rows, hidden = x.shape
     x32 = x.to(torch.float32).contiguous()
     experts = experts.to(torch.int64).contiguous()
     counts = counts.to(torch.int64).contiguous()
     out = torch.empty(rows, hidden, dtype=torch.float32)
-    fn = getattr(lib, f"griffin_experts_{order}_{_WEIGHT_SUFFIX[weights.gate.dtype]}")
-    fn(x32.data_ptr(), weights.gate.data_ptr(), weights.up.data_ptr(), weights.down_t.data_ptr(),
-       weights.gate.stride(0), experts.data_ptr(), counts.data_ptr(), out.data_ptr(),
-       rows, hidden, weights.width, experts.shape[1], ACT_CODES[activation])
+    args = [x32.data_ptr(), weights.gate.data_ptr(), weights.up.data_ptr(), weights.down_t.data_ptr(),
+            weights.gate.stride(0), experts.data_ptr(), counts.data_ptr()]
+    # x32, experts and counts must outlive the call: returned with the pointers.
+    return args, (x32, experts, counts), out
+
+
+def experts_mlp_cpu(x, weights: ExpertWeights, experts, counts, activation: str, order: str) -> torch.Tensor:
+    """``order`` is "rows" (weights streamed per row) or "union" (once per step); same numbers."""
+    args, alive, out = _expert_call(x, weights, experts, counts)  # `alive` holds what args point to
+    experts = alive[1]
+    fn = getattr(load(), f"griffin_experts_{order}_{_WEIGHT_SUFFIX[weights.gate.dtype]}")
+    fn(*args, out.data_ptr(), x.shape[0], x.shape[1], weights.width, experts.shape[1], ACT_CODES[activation])
     return out.to(x.dtype)
 
 
@@ -131,17 +139,12 @@ def gated_experts_cpu(x, weights: ExpertWeights, experts, counts, ks, activation
     ``order`` as experts_mlp_cpu; the two give the same bits."""
     if order not in ("rows", "union"):
         raise ValueError(f"order {order!r}; allowed: rows, union")
-    lib = load()
-    rows, hidden = x.shape
-    x32 = x.to(torch.float32).contiguous()
-    experts = experts.to(torch.int64).contiguous()
-    counts = counts.to(torch.int64).contiguous()
+    args, alive, out = _expert_call(x, weights, experts, counts)  # `alive` holds what args point to
+    experts = alive[1]
     ks = ks.to(torch.int64).contiguous()
-    out = torch.empty(rows, hidden, dtype=torch.float32)
-    fn = getattr(lib, f"griffin_gated_{_WEIGHT_SUFFIX[weights.gate.dtype]}")
-    fn(x32.data_ptr(), weights.gate.data_ptr(), weights.up.data_ptr(), weights.down_t.data_ptr(),
-       weights.gate.stride(0), experts.data_ptr(), counts.data_ptr(), ks.data_ptr(), out.data_ptr(),
-       rows, hidden, weights.width, experts.shape[1], ACT_CODES[activation], int(order == "union"))
+    fn = getattr(load(), f"griffin_gated_{_WEIGHT_SUFFIX[weights.gate.dtype]}")
+    fn(*args, ks.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], weights.width, experts.shape[1],
+       ACT_CODES[activation], int(order == "union"))
     return out.to(x.dtype)
 
 
