@@ -33,9 +33,14 @@ def engine_kwargs(model_dir, **extra):
     return {**base, **extra}
 
 
-def run(llm, prompts, max_tokens=MAX_TOKENS):
+# A request that refreshes its experts every 4 generated tokens (per-request option).
+REFRESH = {"griffin": {"refresh": 4}}
+
+
+def run(llm, prompts, max_tokens=MAX_TOKENS, extra_args=None):
     """Greedy token ids per prompt, and the request ids vLLM reported."""
     sampling = params(max_tokens)
+    sampling.extra_args = extra_args
     outs = llm.generate([tokens_prompt(p) for p in prompts], [sampling] * len(prompts), use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs], [o.request_id for o in outs]
 
@@ -63,7 +68,7 @@ def export_root(tmp_path_factory):
 _reference: dict[str, tuple[list[int], list[list[int]]]] = {}
 
 
-def reference(engines, model_dir, export_root, prompts):
+def reference(engines, model_dir, export_root, prompts, extra_args=None):
     """(tokens, experts) of each prompt run alone on a GRIFFIN engine with a roomy KV
     cache and no prefix caching. The first call runs every prompt of this module."""
     if not _reference:
@@ -71,16 +76,18 @@ def reference(engines, model_dir, export_root, prompts):
         llm = engines.get("features-reference", env={"VLLM_GRIFFIN_EXPORT_DIR": str(folder)},
                           **engine_kwargs(model_dir, enable_prefix_caching=False))
 
-        def alone(prompt):
-            (tokens,), (rid,) = run(llm, [prompt])
-            _reference[str(prompt)] = (tokens, experts(folder, rid))
+        def alone(prompt, extra_args=None):
+            (tokens,), (rid,) = run(llm, [prompt], extra_args=extra_args)
+            _reference[str(prompt) + str(extra_args or "")] = (tokens, experts(folder, rid))
 
         for prompt in (make_prompts(PREEMPT_LENGTHS, seed=11) + repetitive_prompts() + tp_prompts()
                        + prefix_prompts()):
             alone(prompt)
+        for prompt in make_prompts(PREEMPT_LENGTHS, seed=11):
+            alone(prompt, REFRESH)
         # A prompt that continues another request's output (see the prefix test).
         alone(continued_prompt(prefix_prompts()[0]))
-    return [_reference[str(p)] for p in prompts]
+    return [_reference[str(p) + str(extra_args or "")] for p in prompts]
 
 
 # --- preemption -----------------------------------------------------------------------------
@@ -106,6 +113,15 @@ def test_preempted_requests_keep_their_experts_and_tokens(engines, tiny_llama_di
         assert got == want_tokens, f"prompt {i}"
         # Exported once, when the prompt completed; a recompute never re-selects.
         assert experts(folder, rid) == want_experts, f"prompt {i}"
+
+    # Refreshing requests: a recompute runs each output token on the experts it first ran on
+    # (and each refresh token dense again), so the tokens equal each request's run alone.
+    want = reference(engines, tiny_llama_dir, export_root, prompts, REFRESH)
+    restarts = stats["restarts"]
+    tokens, _ = run(llm, prompts, extra_args=REFRESH)
+    (stats,) = worker_stats(llm)
+    assert stats["restarts"] > restarts and stats["refresh_tokens"] > 0 and stats["slots_in_use"] == 0
+    assert tokens == [t for t, _ in want]
 
 
 # --- speculative decoding -------------------------------------------------------------------

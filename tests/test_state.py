@@ -236,6 +236,58 @@ def test_refresh_runs_every_rth_generated_token_dense_and_reselects_from_prompt_
     assert state.acc_slots.in_use == 0 and state.slots.in_use == 0
 
 
+@pytest.mark.parametrize("resume_at", [0, 7], ids=["from-0", "prefix-hit-mid-output"])
+def test_recompute_of_a_refreshing_request_runs_each_token_as_it_first_ran(resume_at):
+    """Preempted and recomputed, a refreshing request's output tokens run on the experts
+    they first ran on (each stretch between refreshes its own), its refresh tokens run the
+    full MLP again without being counted twice, and the slots lent for it come back."""
+    R, P = 3, 5
+    state = make_state(refresh=R)
+    run_layers(state, state.plan_step([StepRow("a", P, 0, P)]), torch.randn(P, WIDTH))
+    req = state.requests["a"]
+    first_ran = {}  # position -> masks [L, D] it decoded on, or "dense"
+    for pos in range(P, P + 2 * R + 2):
+        plan = state.plan_step([StepRow("a", P, pos, 1)])
+        if plan.refreshes:
+            first_ran[pos] = "dense"
+        else:
+            first_ran[pos] = state.masks[:, plan.sparse_slot[0]].clone()
+        run_layers(state, plan, torch.randn(1, WIDTH))
+    assert req.epoch_start == P + 2 * R + 1 and len(req.past_epochs) == 2
+    assert state.counters()["past_experts_bytes"] == 2 * LAYERS * WIDTH // 8
+    acc, current = state.acc[:, req.acc_slot].clone(), state.masks[:, req.slot].clone()
+
+    end = P + 2 * R + 3  # the recompute also runs the newest sampled token
+    first_ran[end - 1] = current
+    plan = state.plan_step([StepRow("a", P, resume_at, end - resume_at)])
+    assert plan.capture_pos is None and not plan.refreshes and not plan.finishing
+    dense = set(plan.dense_idx.tolist())
+    sparse = dict(zip(plan.sparse_idx.tolist(), plan.sparse_slot.tolist()))
+    for pos in range(max(resume_at, P), end):
+        i = pos - resume_at
+        if isinstance(first_ran[pos], str):
+            assert i in dense and i not in sparse, pos
+        else:
+            assert torch.equal(state.masks[:, sparse[i]], first_ran[pos]), pos
+            experts, counts = state.sparse_experts(0, plan)
+            row = list(sparse).index(i)
+            want = first_ran[pos][0].nonzero().flatten()
+            assert experts[row, : counts[row]].tolist() == want.tolist(), pos
+    assert len(set(sparse.values())) == 3 and state.slots.in_use == 3  # two lent for the step
+    run_layers(state, plan, torch.randn(end - resume_at, WIDTH))
+    assert state.slots.in_use == 1 and torch.equal(state.acc[:, req.acc_slot], acc)
+    assert torch.equal(state.masks[:, req.slot], current)
+    state.check_invariants()
+    # A step whose forward pass failed (no finish_step) gives its lent slots back at the next plan.
+    state.plan_step([StepRow("a", P, 0, end)])
+    plan = state.plan_step([StepRow("a", P, end, 1)])  # a refresh: a scratch accumulator lent
+    assert state.slots.in_use == 1 and len(plan.refreshes) == 1 and state.acc_slots.in_use == 2
+    state.release("a")  # aborted; the next step takes back what the failed one borrowed
+    state.plan_step([])
+    assert state.counters()["slots_in_use"] == 0 and state.acc_slots.in_use == 0
+    state.check_invariants()
+
+
 def test_refresh_is_per_request_and_off_for_dense_and_static_methods():
     state = make_state()
     rows = [StepRow("r", 4, 0, 4, {"griffin": {"refresh": 2}}), StepRow("p", 4, 0, 4),

@@ -14,7 +14,9 @@ Lifecycle of one request (all of it lives in :class:`GriffinState`):
 4b. *refresh* -- with ``refresh = R > 0``: every R-th generated token runs the
    full MLP instead, its contribution joins the accumulator (weighted R: it
    stands for the R tokens since the last one) and the experts are re-selected
-   after that step. Such a request keeps its accumulator until release.
+   after that step. Such a request keeps its accumulator until release, and the
+   experts each earlier stretch of its output ran on (packed bits on the host),
+   so a recompute after preemption runs every token as it first ran.
 5. *release* -- when vLLM drops the request (finished or aborted); a
    preempted request keeps its slot and experts.
 
@@ -25,6 +27,7 @@ step into token-index tensors (:class:`StepPlan`) that the layers read.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -80,6 +83,11 @@ class RequestState:
     selected: bool = False
     acc_slot: int | None = None
     last_start: int = -1         # first token of its last scheduled row (resume detection)
+    # A refreshing request: the position from which the table's experts apply, and the
+    # earlier stretches of its output as (first position, experts as packed bits [L, D/8] on
+    # the host, k per layer), oldest first; a recompute after preemption reads them.
+    epoch_start: int = 0
+    past_epochs: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,9 @@ class StepPlan:
     capture_blocks: torch.Tensor | None = None   # None: no block rows this step
     sparse_idx: torch.Tensor | None = None     # tokens through their experts
     sparse_slot: torch.Tensor | None = None    # expert-table slot per sparse token
-    sparse_req_slots: torch.Tensor | None = None  # the distinct slots among them (one per request)
+    # The distinct slots among them (one per request, and one per earlier stretch of a
+    # refreshing request's output that a recompute replays).
+    sparse_req_slots: torch.Tensor | None = None
     sparse_req_slots_host: list[int] = field(default_factory=list)
     sparse_kmax: list[int] = field(default_factory=list)  # per layer
     sparse_counts: list[torch.Tensor] = field(default_factory=list)  # per layer, [T_sparse]
@@ -225,6 +235,8 @@ class GriffinState:
         self.refresh_tokens = 0  # generated tokens run dense for a refresh
         self._warned_gated = False
         self.slots = SlotPool(max(1, max_seqs))
+        self._lent_slots: list[int] = []  # table slots lent to one step (_replay_slot)
+        self._lent_acc: list[int] = []    # accumulator slots lent to one step (_scratch_slot)
         self.acc_slots = SlotPool(8)
         # [layer, slot, neuron]: each slot's experts for a layer, first k valid.
         self.experts = torch.zeros(num_layers, self.slots.capacity, width, dtype=torch.int32, device=device)
@@ -295,10 +307,7 @@ class GriffinState:
             refresh = algorithm.DEFAULT_REFRESH.get(method, 0)
         if dense or method not in algorithm.PROMPT_METHODS:
             refresh = 0  # nothing to refresh: no experts, or experts that ignore the text
-        slot, grew = self.slots.acquire()
-        if grew:
-            self.experts = _grow(self.experts, self.slots.capacity)
-            self.masks = _grow(self.masks, self.slots.capacity)
+        slot = self._acquire_table_slot()
         # The global top-k under TP selects over every rank's neurons.
         select_width = self.full_width if self.global_tp else self.width
         token_k = None
@@ -347,6 +356,8 @@ class GriffinState:
             "prefilling": sum(1 for s in self.requests.values() if not s.selected and not s.dense),
             "block_stat_rows": 0 if self.block_stats is None else self.block_stats.shape[1],
             "block_stat_rows_written": len(self.block_rows_written),
+            # Host bytes of refreshing requests' earlier experts (kept for recomputes).
+            "past_experts_bytes": sum(bits.nbytes for s in self.requests.values() for _, bits, _ in s.past_epochs),
         }
 
     def check_invariants(self) -> None:
@@ -375,9 +386,13 @@ class GriffinState:
     # -- one step ---------------------------------------------------------------------
 
     def plan_step(self, rows: Sequence[StepRow]) -> StepPlan:
+        self._return_lent_slots()  # a step whose forward pass failed left them lent
         dense_idx: list[int] = []
         sparse_idx: list[int] = []
         sparse_req: list[RequestState] = []
+        sparse_slots: list[int] = []
+        sparse_k: list[tuple[int, ...]] = []
+        replays: dict[tuple[str, int], tuple[int, tuple[int, ...]]] = {}
         caps = _Captures()
         plan = StepPlan(num_tokens=sum(r.num_scheduled for r in rows))
         offset = 0
@@ -424,9 +439,18 @@ class GriffinState:
                         caps.add_token(len(dense_idx), scratch)
                         plan.refreshes.append((state, scratch, pos))
                         dense_idx.append(offset + pos - start)
+                    elif state.refresh and self._refreshed_before(state, pos):
+                        # A recompute after preemption: this token refreshed when it first ran
+                        # (full MLP, already counted); it runs the same way, uncounted.
+                        dense_idx.append(offset + pos - start)
                     else:
+                        slot, k = state.slot, state.k
+                        if pos < state.epoch_start:  # recomputed on the experts it first ran on
+                            slot, k = self._replay_slot(replays, state, pos)
                         sparse_idx.append(offset + pos - start)
                         sparse_req.append(state)
+                        sparse_slots.append(slot)
+                        sparse_k.append(k)
             offset += row.num_scheduled
 
         to = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
@@ -436,12 +460,12 @@ class GriffinState:
         if sparse_idx:
             plan.only_sparse = not dense_idx
             plan.sparse_idx = to(sparse_idx)
-            plan.sparse_slot = to([s.slot for s in sparse_req])
+            plan.sparse_slot = to(sparse_slots)
             distinct = {s.req_id: s for s in sparse_req}.values()
-            plan.sparse_req_slots_host = [s.slot for s in distinct]
+            plan.sparse_req_slots_host = list(dict.fromkeys(sparse_slots))
             plan.sparse_req_slots = to(plan.sparse_req_slots_host)
             # Per layer and token, in array ops (a Python loop over L x T costs ~0.3 ms a step).
-            k = np.array([s.k for s in sparse_req], dtype=np.int64).T  # [L, T]
+            k = np.array(sparse_k, dtype=np.int64).T  # [L, T]
             plan.sparse_kmax = k.max(axis=1).tolist()
             plan.sparse_ksum = k.sum(axis=1).tolist()
             # One host-to-device copy for all layers (rows of one [L, T] tensor).
@@ -464,11 +488,57 @@ class GriffinState:
         return (state.selected and pos > state.refreshed and generated > 0
                 and generated % state.refresh == 0)
 
+    def _refreshed_before(self, state: RequestState, pos: int) -> bool:
+        """Whether the generated token at ``pos`` refreshed when it first ran."""
+        generated = pos - state.prompt_len
+        return 0 < generated and pos <= state.refreshed and generated % state.refresh == 0
+
+    def _replay_slot(self, replays: dict, state: RequestState, pos: int) -> tuple[int, tuple[int, ...]]:
+        """A table slot holding the experts the token at ``pos`` first ran on (an earlier
+        stretch of a refreshing request's output), lent until the step ends; and their k."""
+        starts = [first for first, _, _ in state.past_epochs]
+        epoch = bisect.bisect_right(starts, pos) - 1
+        if epoch < 0:
+            raise RuntimeError(f"GRIFFIN: request {state.req_id} recomputes position {pos}, "
+                               f"before its first experts (from {starts[:1] or state.epoch_start})")
+        key = (state.req_id, epoch)
+        if key not in replays:
+            _, bits, k = state.past_epochs[epoch]
+            slot = self._acquire_table_slot()
+            self._lent_slots.append(slot)
+            masks = torch.from_numpy(np.unpackbits(bits, axis=-1, count=self.width).astype(bool))
+            self.masks[:, slot] = masks.to(self.device)
+            for layer in range(self.num_layers):
+                # Ascending, as selection stores them (the kernels sum in this order).
+                idx = masks[layer].nonzero().flatten()
+                self.experts[layer, slot, : idx.numel()] = idx.to(device=self.device, dtype=torch.int32)
+            self.host_bits[slot] = bits
+            replays[key] = (slot, k)
+        return replays[key]
+
+    def _return_lent_slots(self) -> None:
+        """Give back what one step borrowed: table slots for replayed experts, accumulator
+        slots for refresh tokens (folded in by finish_step, or dropped with a failed step)."""
+        for slot in self._lent_slots:
+            self.slots.release(slot)
+        for slot in self._lent_acc:
+            self.acc_slots.release(slot)
+        self._lent_slots.clear()
+        self._lent_acc.clear()
+
+    def _acquire_table_slot(self) -> int:
+        slot, grew = self.slots.acquire()
+        if grew:
+            self.experts = _grow(self.experts, self.slots.capacity)
+            self.masks = _grow(self.masks, self.slots.capacity)
+        return slot
+
     def _scratch_slot(self) -> int:
         slot, grew = self.acc_slots.acquire()
         if grew:
             self.acc = _grow(self.acc, self.acc_slots.capacity)
         self.acc[:, slot].zero_()
+        self._lent_acc.append(slot)
         return slot
 
     def _prefix_hit(self, plan: StepPlan, row: StepRow, state: RequestState, start: int) -> None:
@@ -716,13 +786,21 @@ class GriffinState:
             self.acc[:, state.acc_slot] += self.block_stats[:, blocks].sum(dim=1)
         refreshed = []
         for state, scratch, pos in plan.refreshes:
+            self.refresh_tokens += 1
+            if state.req_id not in self.requests:  # released meanwhile: nothing to fold into
+                continue
             # decay * what it had + the token, standing for the `refresh` tokens since the last one.
             self.acc[:, state.acc_slot].mul_(algorithm.REFRESH_DECAY).add_(self.acc[:, scratch], alpha=state.refresh)
-            self.acc_slots.release(scratch)
             state.refreshed = pos
-            self.refresh_tokens += 1
             refreshed.append(state)
-        selecting = plan.finishing + [s for s in refreshed if s.req_id in self.requests]
+        self._return_lent_slots()
+        for state in refreshed:
+            # The experts that ran until now, kept for a recompute after preemption.
+            state.past_epochs.append((state.epoch_start, self._packed_experts(state), state.k))
+            state.epoch_start = state.refreshed + 1
+        for state in plan.finishing:
+            state.epoch_start = state.prompt_len
+        selecting = plan.finishing + refreshed
         chosen = {}
         if selecting:
             start = time.perf_counter()
@@ -736,6 +814,12 @@ class GriffinState:
                 self._free_acc(state)
             if self.export_dir and self.export_enabled:
                 self.export(state, [idx.sort().values.to(torch.int32).cpu() for idx in chosen[state.req_id]])
+
+    def _packed_experts(self, state: RequestState) -> np.ndarray:
+        """The request's current experts as packed bits [L, D/8] on the host."""
+        if self.device.type != "cpu" and state.slot in self.host_bits:
+            return np.ascontiguousarray(self.host_bits[state.slot])  # kept at selection: no device sync
+        return np.packbits(self.masks[:, state.slot].cpu().numpy(), axis=-1)
 
     def experts_of(self, req_id: str) -> list[torch.Tensor]:
         """The selected experts of a live request on this rank, one sorted int32 tensor per layer
