@@ -84,7 +84,7 @@ SCREEN_COST = {"topk": "0.5", "topk@0.75": "0.75", "topk_magnitude": "0.5", "tok
 
 def screen_table() -> str:
     data = json.loads(SCREEN.read_text())
-    lines = [f"| candidate | cost (share of the MLP) | top-1 agreement with dense | mean KL(dense ‖ candidate) |",
+    lines = ["| candidate | cost (share of the MLP) | top-1 agreement with dense | mean KL(dense ‖ candidate) |",
              "|---|---|---|---|"]
     for name, (agree, kl) in data["mean"].items():
         cost = SCREEN_COST.get(name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import os
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +30,16 @@ def engine_lock():
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_engine_command(engines, cmd, timeout=900, env=None, **kwargs):
+    """Run a command that starts its own vLLM engine (a CLI, a server, `make demo`): this
+    process's engine is closed first (it holds the engine lock; waiting on the lock with it
+    open would never end), then the command runs holding the lock. Output is captured."""
+    engines.close()
+    with engine_lock():
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, **kwargs)
 
 
 # Settings every test engine shares: CPU-sized and float32, so GRIFFIN can be

@@ -20,6 +20,7 @@ def test_num_experts_is_floor_like_the_authors():
     assert algorithm.num_experts(0.5, 1536) == 768
     assert algorithm.num_experts(0.29, 100) == int(100 * 0.29)
     assert algorithm.num_experts(1.0, 7) == 7
+    assert algorithm.num_experts(5e-324, 4864) == 1 and algorithm.num_experts(0.1, 5) == 1  # never none
 
 
 def test_contributions_sum_to_statistic():

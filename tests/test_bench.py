@@ -1,20 +1,19 @@
 """`vllm-griffin bench` runs end to end (the README's performance command, shrunk):
-one SmolLM2 engine, batch sizes 1 and 3, density 0.5, a few tokens. Figures on a
+one SmolLM2 engine on HumanEval prompts at their own lengths, batch sizes 1 and 3,
+density 0.5, a few tokens. Figures on a
 shared 2-core CPU are noise at this size, so only their presence and consistency
 are checked here; the speed targets live in the benchmark's own output."""
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import engine_lock
+from tests.conftest import run_engine_command
 
 
 def test_bench_methods_parse_and_bad_ones_are_named():
@@ -32,15 +31,20 @@ def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "vllm_griffin.cli", "bench", "--models", "smollm2", "--batch-sizes", "1,3",
            "--densities", "0.5", "--gen-len", "4", "--repeats", "1", "--decode-seconds", "0.3",
-           "--prefill-repeats", "2", "--prefill-seconds", "0.5", "--out", str(out)]
-    engines.close()  # one engine at a time, also across processes
-    with engine_lock():
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+           "--prefill-repeats", "2", "--prefill-seconds", "0.5", "--prompts", "humaneval", "--out", str(out)]
+    done = run_engine_command(engines, cmd)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     runs = {(r["batch"], r["density"]): r for r in results["runs"]}
     assert sorted(runs) == [(1, 0.5), (1, 1.0), (3, 0.5), (3, 1.0)]
+    # Real prompts: the first problems, tokenized for the model, at their own lengths.
+    from transformers import AutoTokenizer
+
+    from vllm_griffin.eval_humaneval import load_problems
+
+    lengths = [len(AutoTokenizer.from_pretrained(smollm2_dir)(p["prompt"])["input_ids"]) for p in load_problems(limit=3)]
+    for (batch, _), r in runs.items():
+        assert r["prompts"] == "humaneval" and r["prompt_tokens"] == pytest.approx(statistics.mean(lengths[:batch]))
     for (batch, density), r in runs.items():
         assert r["prefill_s"] == statistics.median(r["prefill_samples"]) > 0
         # Rounds: at least 1, more until each density has 0.3 s of full decode steps.

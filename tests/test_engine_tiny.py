@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import hf_model
 from tests.oracle import griffin_generate
-from vllm_griffin.export import read_experts
+from vllm_griffin.export import read_experts, read_statistic
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +121,10 @@ def test_matches_oracle_tokens_and_experts(griffin, tiny_llama_dir, export_dir):
         for layer, (got, want) in enumerate(zip(experts, expected.experts)):
             assert got.dtype == torch.int32 and len(got) == 192
             assert got.tolist() == want.tolist(), f"prompt {i} layer {layer}"
+        # The exported statistic is the oracle's (float64 there), squared: the sums selection ranked.
+        statistic = read_statistic(export_dir / f"{out.request_id}.safetensors")
+        want = torch.stack(expected.statistic).square().float()
+        assert statistic.shape == want.shape and torch.allclose(statistic, want, rtol=1e-4, atol=1e-6)
 
 
 def test_sparse_decode_differs_from_dense(griffin):

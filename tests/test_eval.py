@@ -4,15 +4,13 @@ plus the input errors, which need no engine."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import engine_lock
+from tests.conftest import run_engine_command
 from vllm_griffin import eval as quality_eval
 from vllm_griffin.cli import main
 
@@ -62,10 +60,7 @@ def test_xsum_eval_on_an_engine(engines, tmp_path, smollm2_dir):
             {"article": "Article: The town council approved a new park on Monday.\nSummary:", "summary_gt": "A park is approved."},
             {"article": "Article: Heavy rain flooded roads across the county.\nSummary:", "summary_gt": "Rain floods roads."}]))
         cmd += ["--data", str(data)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    engines.close()  # this process's engine holds the lock: waiting on it here would never end
-    with engine_lock():
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_engine_command(engines, cmd, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0 and "| greedy | full |" in out.with_suffix(".md").read_text()

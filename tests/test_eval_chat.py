@@ -4,14 +4,12 @@ metric and the summary (no engine), input errors, and one small run on a real en
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import engine_lock
+from tests.conftest import run_engine_command
 from vllm_griffin import eval as quality_eval
 from vllm_griffin import eval_chat as chat
 from vllm_griffin.cli import main
@@ -133,10 +131,7 @@ def test_chat_on_an_engine(engines, tmp_path, smollm2_dir):
     cmd = [sys.executable, "-m", "vllm_griffin.cli", "eval", "chat", "--model", "smollm2-135m-instruct",
            "--split", "heldout", "--limit", "3", "--methods", "full,topk", "--densities", "0.5",
            "--max-tokens", "24", "--out", str(out)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    engines.close()  # this process's engine holds the lock: waiting on it here would never end
-    with engine_lock():
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_engine_command(engines, cmd, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["prompt_format"] == "chat_template" and result["prompts"] == [24, 26]

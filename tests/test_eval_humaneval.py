@@ -4,15 +4,13 @@ the summary and files from hand-made samples, and one small run on a real engine
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import engine_lock
+from tests.conftest import run_engine_command
 from vllm_griffin import eval_humaneval as he
 from vllm_griffin.cli import main
 
@@ -67,12 +65,13 @@ def test_hostile_completions_fail_and_the_run_goes_on(problem, tmp_path):
     elapsed = time.perf_counter() - started
     by_name = dict(zip(hostile, results))
     assert all(not r["passed"] and r["result"] != "passed" for r in results), by_name
-    assert by_name["loop"]["result"] == "timed out" and by_name["loop"]["seconds"] < 3.0 + 2.0
+    # Bounds against a hang, loose enough for a loaded 2-core machine (interpreter starts are slow).
+    assert by_name["loop"]["result"] == "timed out" and by_name["loop"]["seconds"] < 3.0 + 10.0
     assert by_name["segfault"]["result"] == "failed: killed by SIGSEGV"
     assert by_name["os._exit"]["result"].startswith("failed: exited with code 0")
     assert by_name["exit"]["result"].startswith("failed: SystemExit")
     assert by_name["memory hog"]["result"].startswith("failed: MemoryError")
-    assert elapsed < 3.0 + 10.0  # the loop's timeout, plus the rest with two workers
+    assert elapsed < 3.0 + 40.0  # the loop's timeout, plus the rest with two workers
     # A good program right after still passes.
     assert he.execute(he.check_program(problem, problem["canonical_solution"]))["passed"]
 
@@ -178,10 +177,7 @@ def test_humaneval_on_an_engine(engines, tmp_path):
     cmd = [sys.executable, "-m", "vllm_griffin.cli", "eval", "humaneval", "--model", "smollm2-135m-instruct",
            "--limit", "2", "--methods", "full,topk", "--densities", "0.5", "--max-tokens", "48",
            "--timeout", "5", "--out", str(out)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    engines.close()  # this process's engine holds the lock: waiting on it here would never end
-    with engine_lock():
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_engine_command(engines, cmd, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["problems"] == [0, 1] and result["stop"] == list(he.STOP)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_engine_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +65,7 @@ def test_unsupported_architecture_lists_the_supported_ones(engines, tmp_path):
 
 @pytest.mark.slow
 def test_make_demo_runs_to_the_end(engines):
-    engines.close()  # the demo starts its own engine; never two at once
-    from conftest import engine_lock
-
-    with engine_lock():
-        proc = subprocess.run(["make", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = run_engine_command(engines, ["make", "demo"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "demo finished" in proc.stdout
     # Each question answered dense and by the default method at 0.75 and 0.5, with speeds.

@@ -20,7 +20,6 @@ import torch
 
 from vllm_griffin import algorithm
 from vllm_griffin.config import GriffinConfig
-from vllm_griffin.graph_decode import GraphDecode
 from vllm_griffin.runner_v2 import (GriffinModelStateMixin, GriffinRunnerV2Mixin, griffin_model_state_cls,
                                     keep_prompts_off_full_graphs)
 from vllm_griffin.state import GriffinState

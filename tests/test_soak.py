@@ -6,14 +6,12 @@ in the README (same command, `--minutes 10`)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import engine_lock
+from tests.conftest import run_engine_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,10 +23,7 @@ def test_soak_for_a_minute(engines, tmp_path):
     cmd = [sys.executable, "-m", "vllm_griffin.cli", "soak", "--minutes", "1", "--interval", "10",
            "--concurrency", "8", "--bad-share", "0.2", "--max-tokens", "48", "--check-alone", "8",
            "--out", str(out)]
-    engines.close()  # this process's engine holds the lock
-    with engine_lock():
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-                              capture_output=True, text=True, timeout=900)
+    proc = run_engine_command(engines, cmd, cwd=REPO)
     report = json.loads(out.read_text())
     assert proc.returncode == 0, (report["findings"], proc.stdout[-3000:], proc.stderr[-3000:])
     assert report["passed"] and report["findings"] == []
@@ -41,6 +36,45 @@ def test_soak_for_a_minute(engines, tmp_path):
     assert len(report["alone_checks"]) >= 1 and all(a["same"] for a in report["alone_checks"])
     assert len(report["samples"]) >= 3 and all(s["rss_mib"] > 0 for s in report["samples"])
     assert "soak PASSED" in proc.stdout
+
+
+def test_selection_difference_tells_a_near_tie_from_a_fault(tmp_path):
+    """Two exported runs of one request: equal experts, experts flipped at a near-tie of
+    statistics equal to rounding, and statistics that really differ."""
+    import torch
+
+    from vllm_griffin.export import write_experts
+    from vllm_griffin.soak import STATISTIC_ROUNDING, _selection_difference
+
+    class Req:  # the fields write_experts reads
+        prompt_len, density, method = 5, 0.5, "topk"
+
+        def __init__(self, rid):
+            self.req_id = rid
+
+    stat = torch.rand(2, 8) + 0.1
+    order = stat[0].argsort(descending=True)
+    stat[0, order[4]] = stat[0, order[3]] * (1 - 1e-6)  # the 4th and 5th nearly tied
+    top = lambda s: [row.topk(4).indices.sort().values.int() for row in s]  # noqa: E731
+
+    def export(rid, s):
+        write_experts(tmp_path, Req(rid), top(s), s)
+
+    export("cmpl-a-0", stat)
+    export("cmpl-b-0", stat.clone())
+    same = _selection_difference(tmp_path, "cmpl-a", "cmpl-b")
+    assert same == {"experts_same": True, "differing_experts": 0, "statistic_difference": 0.0}
+    tied = stat.clone()
+    tied[0, order[4]] = stat[0, order[3]] * (1 + 1e-6)  # the 5th overtakes the 4th by a rounding
+    export("cmpl-c-0", tied)
+    flip = _selection_difference(tmp_path, "cmpl-a", "cmpl-c")
+    assert not flip["experts_same"] and flip["differing_experts"] == 1
+    assert flip["statistic_difference"] <= STATISTIC_ROUNDING
+    wrong = stat.clone()
+    wrong[1] = wrong[1].flip(0)
+    export("cmpl-d-0", wrong)
+    assert _selection_difference(tmp_path, "cmpl-a", "cmpl-d")["statistic_difference"] > 0.01
+    assert _selection_difference(tmp_path, "cmpl-a", "cmpl-missing") is None
 
 
 def test_soak_verdict_fails_on_each_finding():
@@ -67,5 +101,8 @@ def test_soak_verdict_fails_on_each_finding():
     assert errors["findings"] == ["APIError: boom"]
     changed = _verdict(args, Tally(ok=3), samples([1000] * 4), idle, [{"same": False}], [])
     assert "answered differently alone" in changed["findings"][0]
+    # Parted after a float near-tie in the selection (statistics equal to rounding, experts not): passes.
+    near_tie = [{"same": False, "selection_near_tie": True}]
+    assert _verdict(args, Tally(ok=3), samples([1000] * 4), idle, near_tie, [])["passed"]
     over = _verdict(args, Tally(ok=3), samples([1000] * 4), idle, same, ["3 slots in use for 1 live requests"])
     assert not over["passed"]

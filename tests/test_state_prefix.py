@@ -21,9 +21,20 @@ def seeded():
     torch.manual_seed(0)
 
 
+_STAGED = [False]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["rows-in-place", "rows-staged"])
+def block_rows(request):
+    """Block rows filled in place (a CPU engine) or through the per-step device buffer that
+    an accelerator uses (here on the CPU: the same bookkeeping, the same results)."""
+    _STAGED[0] = request.param
+
+
 def make_state(**cfg):
     state = GriffinState(GriffinConfig(**{"method": "topk", **cfg}), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
-    state.enable_block_stats(num_blocks=32, block_size=BLOCK)
+    state.enable_block_stats(num_blocks=32, block_size=BLOCK, staged=_STAGED[0])
+    assert state.block_stats.device.type == "cpu"  # host memory, outside the KV budget
     return state
 
 

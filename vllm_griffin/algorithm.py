@@ -53,8 +53,15 @@ FIRST_LAYER_METHODS = frozenset({"topk_down_first_dense"})
 
 
 def num_experts(density: float, width: int) -> int:
-    """k = floor(density * D), computed as the authors do (``int(D * k_factor)``)."""
-    return int(width * density)
+    """k = floor(density * D), computed as the authors do (``int(D * k_factor)``); at least
+    one neuron (a density under 1/D would otherwise leave the MLP out of decoding)."""
+    return max(1, int(width * density)) if width > 0 else 0
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """The random baselines' generator seed for one request seed and layer: a distinct,
+    reproducible stream per (seed, layer), independent of the batch."""
+    return (seed * 1_000_003 + layer * 7_919 + 12_345) % (2**63 - 1)
 
 
 def gated_sizes(density: float, width: int) -> tuple[int, int]:

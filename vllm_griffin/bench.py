@@ -24,7 +24,6 @@ which decode paths ran.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -35,11 +34,14 @@ from pathlib import Path
 MODELS = {
     # name: (source, intermediate size override)
     "smollm2": ("smollm2-135m-instruct", None),
+    "gemma": ("gemma-3-270m", None),
     "qwen-coder": ("qwen2.5-coder-0.5b-instruct", None),
     "llama-1b": ("llama-1b", 8192),
     "llama-1b-half": ("llama-1b", 4096),
 }
 TWINS = {"llama-1b": "llama-1b-half"}
+# --prompts: where a batch's prompts come from (real ones at their own lengths).
+PROMPT_SOURCES = ("random", "xsum", "humaneval")
 MAX_PREFILL_ROUNDS = 32
 MAX_DECODE_ROUNDS = 12
 DENSE = ("full", 1.0)  # a cell: (method label, density); density 1.0 is vLLM's own MLP
@@ -91,6 +93,25 @@ def model_source(name: str) -> tuple[Path, dict]:
     return prepare_model(source), {}
 
 
+def real_prompts(model_dir: Path, source: str, count: int, data: str | None) -> list[list[int]]:
+    """Token ids of the first ``count`` XSum 1-shot prompts or HumanEval problems (as the
+    evals send them: the raw prompt text), tokenized for the model."""
+    from transformers import AutoTokenizer
+
+    if source == "xsum":
+        from vllm_griffin.eval import load_rows, resolve_data
+
+        texts = [row["article"] for row in load_rows(resolve_data(data), limit=count)]
+    else:
+        from vllm_griffin.eval_humaneval import load_problems
+
+        texts = [p["prompt"] for p in load_problems(limit=count)]
+    if len(texts) < count:
+        raise SystemExit(f"--prompts {source}: {len(texts)} prompts, the largest batch needs {count}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tokenizer(text)["input_ids"] for text in texts]
+
+
 def union_fraction(export_dir: Path, request_ids: list[str], width: int) -> float:
     """Mean over layers of |union of the batch's experts| / D."""
     import torch
@@ -113,12 +134,16 @@ class Runner:
 
         path, extra = model_source(name)
         self.name = name
-        self.width = MODELS[name][1] or json.loads((path / "config.json").read_text())["intermediate_size"]
+        config = json.loads((path / "config.json").read_text())
+        config = config.get("text_config", config)  # multimodal-style configs (Gemma 3)
+        self.width = MODELS[name][1] or config["intermediate_size"]
         self.export_dir = export_dir
         max_b = max(args.batch_sizes)
+        self.real_prompts = None if args.prompts == "random" else real_prompts(path, args.prompts, max_b, args.data)
+        longest = max(map(len, self.real_prompts)) if self.real_prompts else args.prompt_len
         self.llm = LLM(model=str(path), skip_tokenizer_init=True, dtype=args.dtype, enforce_eager=not args.compile,
-                       gpu_memory_utilization=0.5, max_model_len=args.prompt_len + args.gen_len + 8,
-                       max_num_seqs=max_b, max_num_batched_tokens=max(2048, max_b * args.prompt_len),
+                       gpu_memory_utilization=0.5, max_model_len=longest + args.gen_len + 8,
+                       max_num_seqs=max_b, max_num_batched_tokens=max(2048, longest),
                        additional_config={"griffin": {"density": 0.5}}, seed=0,
                        # Repeated prompts would hit the cache and skew the prefill figures.
                        enable_prefix_caching=False, **extra)
@@ -129,6 +154,8 @@ class Runner:
         import torch
         from vllm.inputs import TokensPrompt
 
+        if self.real_prompts is not None:  # the first `batch` rows, at their own lengths
+            return [TokensPrompt(prompt_token_ids=ids) for ids in self.real_prompts[:batch]]
         gen = torch.Generator().manual_seed(batch)
         return [TokensPrompt(prompt_token_ids=torch.randint(100, 40000, (self.args.prompt_len,), generator=gen).tolist())
                 for _ in range(batch)]
@@ -240,6 +267,8 @@ class Runner:
             whole_runs = statistics.median(n / d for _, d, n, _ in samples[density])
             decode_tok_s = batch / statistics.median(steps) if steps else whole_runs
             entry = {"model": self.name, "batch": batch, "method": density[0], "density": density[1],
+                     "prompts": self.args.prompts,
+                     "prompt_tokens": statistics.mean(len(p["prompt_token_ids"]) for p in self.prompts(batch)),
                      "prefill_s": prefill,
                      "decode_tok_s": decode_tok_s, "decode_tok_s_whole_runs": whole_runs,
                      "decode_paths": paths[density], "samples": [s[:3] for s in samples[density]],
@@ -314,7 +343,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                                                 r["prefill_s"] / dense["prefill_s"]) - 1.0,
                # GRIFFIN's prefill work as the worker timed it, over dense's prefill.
                "prefill_griffin_share": r.get("prefill_griffin_s", 0.0) / dense["prefill_s"],
-               "union_fraction": r.get("union_fraction"), "decode_paths": r["decode_paths"]}
+               "union_fraction": r.get("union_fraction"), "decode_paths": r["decode_paths"],
+               "prompts": r.get("prompts", "random"), "prompt_tokens": r.get("prompt_tokens")}
         twin = by_key.get((TWINS.get(model), batch, *DENSE))
         if twin is not None and density == 0.5:
             row["ceiling_vs_dense"] = twin["decode_tok_s"] / dense["decode_tok_s"]
@@ -324,12 +354,15 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| model | batch | method | density | dense tok/s | GRIFFIN tok/s | GRIFFIN/dense | ceiling/dense | "
+    lines = ["| model | prompts | batch | method | density | dense tok/s | GRIFFIN tok/s | GRIFFIN/dense | ceiling/dense | "
              "of ceiling | prefill overhead | capture + selection | union fraction |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
-        lines.append(f"| {r['model']} | {r['batch']} | {r.get('method', 'topk')} | {r['density']} | "
+        prompts = r.get("prompts", "random")
+        if r.get("prompt_tokens"):
+            prompts += f" ({r['prompt_tokens']:.0f} tok)"
+        lines.append(f"| {r['model']} | {prompts} | {r['batch']} | {r.get('method', 'topk')} | {r['density']} | "
                      f"{r['dense_tok_s']:.2f} | "
                      f"{r['griffin_tok_s']:.2f} | {r['vs_dense']:.2f} | {fmt(r.get('ceiling_vs_dense'), '.2f')} | "
                      f"{fmt(r.get('vs_ceiling'), '.2f')} | {r['prefill_overhead'] * 100:+.1f} % | "
@@ -379,7 +412,11 @@ def add_parser(sub) -> None:
     p.add_argument("--methods", type=lambda s: s.split(","), default=["topk"],
                    help="comma-separated selection methods, each at every density, optionally +refreshN "
                         "(e.g. topk,gated,topk+refresh4); dense always runs beside them")
-    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--prompts", choices=PROMPT_SOURCES, default="random",
+                   help="random token prompts of --prompt-len, or real ones at their own lengths: XSum 1-shot "
+                        "(../shared/data, or --data) or HumanEval problems, the first of each per batch")
+    p.add_argument("--data", default=None, help="XSum JSONL for --prompts xsum (default: ../shared/data)")
+    p.add_argument("--prompt-len", type=int, default=32, help="random prompts' length")
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2,

@@ -1,7 +1,9 @@
 """Write a request's experts to ``$VLLM_GRIFFIN_EXPORT_DIR/<request_id>.safetensors``.
 
-One int32 tensor per layer (``layer.<i>``, sorted neuron indices) and string
-metadata: prompt_len, density, method, request_id.
+One int32 tensor per layer (``layer.<i>``, sorted neuron indices), the statistic the
+selection ranked where there is one (``statistic``: [layers, D] fp32, the sums
+``sum_t z_tj^2 / ||z_t||^2`` over the prompt; absent for static methods and under
+tensor parallelism) and string metadata: prompt_len, density, method, request_id.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ def external_request_id(internal_id: str) -> str:
     return _INTERNAL_SUFFIX.sub("", internal_id)
 
 
-def write_experts(directory: str | os.PathLike, state: "RequestState", experts: list[torch.Tensor]) -> Path:
+def write_experts(directory: str | os.PathLike, state: "RequestState", experts: list[torch.Tensor],
+                  statistic: torch.Tensor | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     request_id = external_request_id(state.req_id)
     safe_name = re.sub(r"[^A-Za-z0-9._-]", "_", request_id)
     path = directory / f"{safe_name}.safetensors"
     tensors = {f"layer.{i}": e.to(torch.int32).contiguous() for i, e in enumerate(experts)}
+    if statistic is not None:
+        tensors["statistic"] = statistic.float().contiguous()
     metadata = {
         "request_id": request_id,
         "prompt_len": str(state.prompt_len),
@@ -59,5 +64,10 @@ def read_experts(path: str | os.PathLike) -> tuple[list[torch.Tensor], dict[str,
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
     tensors = load_file(str(path))
-    layers = [tensors[f"layer.{i}"] for i in range(len(tensors))]
+    layers = [tensors[f"layer.{i}"] for i in range(sum(1 for name in tensors if name.startswith("layer.")))]
     return layers, metadata
+
+
+def read_statistic(path: str | os.PathLike) -> torch.Tensor | None:
+    """The [layers, D] statistic an exported file holds, or None."""
+    return load_file(str(path)).get("statistic")

@@ -67,7 +67,7 @@ def select(acts: list[torch.Tensor], density: float, method: str, weights: Layer
     ks = algorithm.layer_budgets([algorithm.num_experts(density, width)] * len(acts), method, width)
     experts = []
     for layer, k in enumerate(ks):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+        gen = torch.Generator().manual_seed(algorithm.layer_seed(seed, layer))
         experts.append(algorithm.select_experts(stats[layer], k, method, width=width, generator=gen,
                                                 static_scores=weights.static_scores[layer],
                                                 down_norms=weights.down_norms[layer]))

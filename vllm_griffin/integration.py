@@ -341,24 +341,19 @@ class _GriffinWorkerMixin:
         return result
 
     def determine_available_memory(self, *args, **kwargs):
-        """vLLM's KV cache budget, shared with the per-block expert statistic
-        (prefix caching): the blocks shrink so that both fit in it."""
+        """vLLM's KV cache budget, whole: the per-block expert statistic that exact prefix
+        caching needs lives in host memory beside it (GriffinState.enable_block_stats)."""
         available = super().determine_available_memory(*args, **kwargs)
         runner = self.model_runner
         state = getattr(runner, "griffin", None)
-        if state is None or not runner.cache_config.enable_prefix_caching:
-            return available
-        specs = list(runner.get_kv_cache_spec().values())
-        from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-        if not specs or not all(isinstance(s, FullAttentionSpec) for s in specs):
-            return available  # no block statistic for this model (see block_stats_supported)
-        kv_bytes = sum(s.page_size_bytes for s in specs)  # one block, every layer
-        stat_bytes = state.block_stats_bytes()
-        logger.info("GRIFFIN: per-block expert statistic takes %.1f %% of the KV cache budget "
-                    "(%d bytes beside every %d-byte KV block)",
-                    100 * stat_bytes / (kv_bytes + stat_bytes), stat_bytes, kv_bytes)
-        return int(available * kv_bytes / (kv_bytes + stat_bytes))
+        if state is not None and runner.cache_config.enable_prefix_caching:
+            specs = list(runner.get_kv_cache_spec().values())
+            kv_bytes = sum(s.page_size_bytes for s in specs)  # one block, every layer
+            if kv_bytes:
+                logger.info("GRIFFIN: prefix caching adds %d bytes of host memory per %d-byte KV block "
+                            "(%.1f %% of the KV cache's size; the KV cache itself keeps its budget)",
+                            state.block_stats_bytes(), kv_bytes, 100 * state.block_stats_bytes() / kv_bytes)
+        return available
 
     def griffin_export_to(self, directory: str | None) -> None:
         """Start (a folder) or stop (None) writing each request's experts, at run time."""

@@ -24,7 +24,6 @@ import functools
 import logging
 import sys
 from collections.abc import Mapping
-from typing import Any
 
 from vllm_griffin.algorithm import METHODS
 from vllm_griffin.config import CONFIG_KEY, GriffinConfig, GriffinConfigError, check_density, check_method

@@ -143,6 +143,10 @@ class StepPlan:
     only_sparse: bool = False                  # every token decodes on experts (a pure decode step)
     finishing: list[RequestState] = field(default_factory=list)
     captures: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, new captured)
+    # Staged block rows (enable_block_stats): [L, blocks, D] on the device, zeroed, that this
+    # step's captures fill (capture_blocks index it), and the KV block id of each of its rows.
+    block_stage: torch.Tensor | None = None
+    block_stage_ids: torch.Tensor | None = None
     # Refresh tokens: (request, scratch accumulator slot the token fills, its position).
     refreshes: list[tuple[RequestState, int, int]] = field(default_factory=list)
     # Prefix-cache hits: (request, KV block ids whose statistic rows its prompt starts from).
@@ -249,6 +253,7 @@ class GriffinState:
         # prompt tokens each KV block holds (see enable_block_stats).
         self.block_stats: torch.Tensor | None = None
         self.block_rows_written: set[int] = set()  # block rows a prompt has filled (a counter)
+        self.block_stats_staged = False  # rows filled through a device buffer (enable_block_stats)
         self.block_size = 0
         self.prefix_hits = 0
         self.prefix_hit_tokens = 0
@@ -268,14 +273,25 @@ class GriffinState:
         """Bytes of per-block statistic that each KV cache block needs beside it."""
         return self.num_layers * self.width * 4
 
-    def enable_block_stats(self, num_blocks: int, block_size: int) -> None:
+    def enable_block_stats(self, num_blocks: int, block_size: int, staged: bool | None = None) -> None:
         """Keep, beside each of vLLM's ``num_blocks`` KV blocks, the statistic of the prompt
         tokens it holds, so a request whose prompt starts with cached blocks selects
         exactly the experts it would without the hit. Only blocks made of prompt tokens
-        are ever shared (the scheduler side caches no others)."""
+        are ever shared (the scheduler side caches no others).
+
+        The rows live in host memory, outside vLLM's KV budget (on an accelerator they
+        would take a third to two thirds of it at 16-token blocks). On an accelerator
+        (``staged``, the default there) a step captures into a small device buffer of
+        the blocks it fills, copied to the host rows after the forward pass; a hit sums
+        its rows on the host and copies one [layers, D] sum in."""
         self.block_size = block_size
+        self.block_stats_staged = self.device.type != "cpu" if staged is None else staged
+        pin = self.block_stats_staged and torch.cuda.is_available()
         self.block_stats = torch.zeros(self.num_layers, num_blocks, self.width, dtype=torch.float32,
-                                       device=self.device)
+                                       device="cpu", pin_memory=pin)
+        logger.info("GRIFFIN: prefix caching keeps %.1f MiB of per-block expert statistic in host memory "
+                    "(%d blocks, %d bytes each)", self.block_stats.numel() * 4 / 2**20, num_blocks,
+                    self.block_stats_bytes())
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -553,7 +569,7 @@ class GriffinState:
         # counted before a preemption); the rows are read after the forward pass,
         # when blocks other requests fill in this same step are complete.
         self.acc[:, acc].zero_()
-        blocks = torch.tensor(list(row.block_ids[: start // self.block_size]), dtype=torch.long, device=self.device)
+        blocks = torch.tensor(list(row.block_ids[: start // self.block_size]), dtype=torch.long)
         plan.block_hits.append((state, blocks))
         state.captured = start
         self.prefix_hits += 1
@@ -568,7 +584,9 @@ class GriffinState:
         if self.tp is not None:
             # This rank holds a slice of each z_t; the norm runs over every rank's neurons.
             sq_norms = self.tp.all_reduce(capture_ops.capture_sq_norms(z, plan.capture_pos))
-        blocks = self.block_stats[layer] if plan.capture_blocks is not None else None
+        blocks = None
+        if plan.capture_blocks is not None:
+            blocks = plan.block_stage[layer] if plan.block_stage is not None else self.block_stats[layer]
         # The plan's indices are built in range (positions among the dense tokens, pool
         # slots, KV block ids): not checked again in every layer.
         capture_ops.capture_statistic(z, plan.capture_pos, self.acc[layer], plan.capture_slots,
@@ -607,7 +625,7 @@ class GriffinState:
                     continue
                 stat = acc[layer, acc_pos[state.acc_slot]] if state.acc_slot is not None else None
                 gen = torch.Generator(device="cpu")
-                gen.manual_seed(_mix_seed(state.seed, layer))
+                gen.manual_seed(algorithm.layer_seed(state.seed, layer))
                 chosen[state.req_id][layer] = algorithm.select_experts(
                     stat, k, state.method, width=width, generator=gen, static_scores=static[layer])
         for (k, method), pairs in topk_groups.items():
@@ -782,8 +800,10 @@ class GriffinState:
         """Commit what the step's forward pass did (it succeeded); select finished prompts' experts."""
         for state, captured in plan.captures:
             state.captured = max(state.captured, captured)
+        if plan.block_stage is not None:  # the step's block rows, from the device buffer to the host
+            self.block_stats.index_add_(1, plan.block_stage_ids, plan.block_stage.cpu())
         for state, blocks in plan.block_hits:
-            self.acc[:, state.acc_slot] += self.block_stats[:, blocks].sum(dim=1)
+            self.acc[:, state.acc_slot] += self.block_stats[:, blocks].sum(dim=1).to(self.device)
         refreshed = []
         for state, scratch, pos in plan.refreshes:
             self.refresh_tokens += 1
@@ -810,10 +830,16 @@ class GriffinState:
             self._keep_host_bits(selecting)
         for state in plan.finishing:
             state.selected = True
+            if self.export_dir and self.export_enabled:
+                # The statistic too (one device's whole one): it tells a float near-tie at the
+                # top-k boundary from a wrong count when two runs' experts differ.
+                statistic = None
+                if self.tp is None and state.acc_slot is not None:
+                    statistic = self.acc[:, state.acc_slot].cpu().clone()
+                self.export(state, [idx.sort().values.to(torch.int32).cpu() for idx in chosen[state.req_id]],
+                            statistic)
             if not state.refresh:  # a refreshing request keeps its statistic
                 self._free_acc(state)
-            if self.export_dir and self.export_enabled:
-                self.export(state, [idx.sort().values.to(torch.int32).cpu() for idx in chosen[state.req_id]])
 
     def _packed_experts(self, state: RequestState) -> np.ndarray:
         """The request's current experts as packed bits [L, D/8] on the host."""
@@ -829,11 +855,13 @@ class GriffinState:
             raise ValueError(f"request {req_id} has no experts yet")
         return [self.experts[layer, state.slot, : state.k[layer]].cpu().clone() for layer in range(self.num_layers)]
 
-    def export(self, state: RequestState, experts: list[torch.Tensor] | None = None) -> None:
+    def export(self, state: RequestState, experts: list[torch.Tensor] | None = None,
+               statistic: torch.Tensor | None = None) -> None:
         """Write the request's experts (global indices; default: this rank's table)."""
         from vllm_griffin.export import write_experts
 
-        write_experts(self.export_dir, state, experts if experts is not None else self.experts_of(state.req_id))
+        write_experts(self.export_dir, state, experts if experts is not None else self.experts_of(state.req_id),
+                      statistic)
 
     # -- internals --------------------------------------------------------------------
 
@@ -895,12 +923,22 @@ class _Captures:
         if not self.pos:
             return
         plan.capture_pos, plan.capture_slots = to(self.pos), to(self.slots)
-        if any(b >= 0 for b in self.blocks):
-            plan.capture_blocks = to(self.blocks)
         if self.zero_rows:
             # A block filled from its first token holds new content (vLLM reuses blocks).
-            state_tbl.block_stats[:, to(self.zero_rows)] = 0
+            state_tbl.block_stats[:, torch.tensor(self.zero_rows, dtype=torch.long)] = 0
             state_tbl.block_rows_written.update(self.zero_rows)
+        if any(b >= 0 for b in self.blocks):
+            if not state_tbl.block_stats_staged:
+                plan.capture_blocks = to(self.blocks)
+                return
+            # Rows of the blocks this step fills, in a device buffer added to the host rows
+            # by finish_step (a block continued from an earlier chunk keeps what it had).
+            ids = sorted({b for b in self.blocks if b >= 0})
+            row_of = {b: i for i, b in enumerate(ids)}
+            plan.capture_blocks = to([row_of.get(b, -1) for b in self.blocks])
+            plan.block_stage_ids = torch.tensor(ids, dtype=torch.long)
+            plan.block_stage = torch.zeros(state_tbl.num_layers, len(ids), state_tbl.width,
+                                           dtype=torch.float32, device=state_tbl.device)
 
 
 # Set bits of each byte value (popcount of packed masks).
@@ -911,8 +949,3 @@ def _grow(table: torch.Tensor, capacity: int) -> torch.Tensor:
     grown = table.new_zeros(table.shape[0], capacity, *table.shape[2:])
     grown[:, : table.shape[1]] = table
     return grown
-
-
-def _mix_seed(seed: int, layer: int) -> int:
-    # Distinct, reproducible stream per (request seed, layer); independent of the batch.
-    return (seed * 1_000_003 + layer * 7_919 + 12_345) % (2**63 - 1)
