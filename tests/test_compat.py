@@ -27,7 +27,7 @@ def test_missing_runner_hook_fails_griffin_engine_config_naming_version_and_hook
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     import vllm_griffin
-    from vllm_griffin.integration import GriffinCompatError
+    from vllm_griffin.compat import GriffinCompatError
 
     vllm_griffin.register()
     monkeypatch.delattr(GPUModelRunner, "_on_request_state_removed")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import run_engine_command
-from vllm_griffin import eval as quality_eval
+from vllm_griffin import eval_common as quality_eval
 from vllm_griffin.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_engine_command
-from vllm_griffin import eval as quality_eval
+from vllm_griffin import eval_common as quality_eval
 from vllm_griffin import eval_chat as chat
 from vllm_griffin.cli import main
 

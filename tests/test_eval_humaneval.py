@@ -153,7 +153,7 @@ def test_summary_and_files(tmp_path):
 
 def test_append_replaces_only_the_cells_it_ran(tmp_path):
     """--append: a rerun of a cell replaces it, other cells stay; another model or other problems is refused."""
-    from vllm_griffin import eval as quality_eval
+    from vllm_griffin import eval_common as quality_eval
 
     first = [_sample("full", 1.0, 0, "a", True), _sample("topk", 0.5, 0, "x", False)]
     result = quality_eval.merge_samples({"model": "m", "problems": [0, 0], "runs": [], "samples": []}, first, {"n": 1})

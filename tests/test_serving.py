@@ -138,7 +138,7 @@ def test_compat_failure_points_to_additional_config(monkeypatch):
 
 
 def test_vllm_griffin_serve_runs_vllm_serve_with_the_plugin(smollm2_dir):
-    from vllm_griffin.serving import vllm_serve_argv
+    from vllm_griffin.serve import vllm_serve_argv
 
     argv = vllm_serve_argv(["--density", "0.25", "--port", "8001", "--enforce-eager"])
     assert argv == ["serve", str(smollm2_dir), "--plugin", "griffin", "--griffin-density", "0.25",

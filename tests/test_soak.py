@@ -77,7 +77,7 @@ def test_selection_difference_tells_a_near_tie_from_a_fault(tmp_path):
     assert _selection_difference(tmp_path, "cmpl-a", "cmpl-missing") is None
 
 
-def test_soak_verdict_fails_on_each_finding():
+def test_soak_verdict_fails_on_each_finding(tmp_path):
     """The checks themselves (no server): leaks, growth, errors and changed answers fail."""
     import argparse
 
@@ -104,5 +104,17 @@ def test_soak_verdict_fails_on_each_finding():
     # Parted after a float near-tie in the selection (statistics equal to rounding, experts not): passes.
     near_tie = [{"same": False, "selection_near_tie": True}]
     assert _verdict(args, Tally(ok=3), samples([1000] * 4), idle, near_tie, [])["passed"]
+    # `gated` parting on exactly the same experts: its per-token choice (reported, not failed).
+    gated = [{"same": False, "gated_token_choice": True}]
+    assert _verdict(args, Tally(ok=3), samples([1000] * 4), idle, gated, [])["passed"]
+    # RSS growth on top of plain vLLM's (a --without-griffin run's JSON).
+    import json
+
+    control = tmp_path / "control.json"
+    control.write_text(json.dumps({"settings": {"without_griffin": True}, "rss_mib": {"second_half_growth": 0.2}}))
+    grew_like_vllm = samples([1000, 1000, 1100, 1200, 1300])
+    args.rss_baseline = str(control)
+    assert _verdict(args, Tally(ok=3), grew_like_vllm, idle, same, [])["passed"]
+    args.rss_baseline = None
     over = _verdict(args, Tally(ok=3), samples([1000] * 4), idle, same, ["3 slots in use for 1 live requests"])
     assert not over["passed"]

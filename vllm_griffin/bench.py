@@ -99,7 +99,7 @@ def real_prompts(model_dir: Path, source: str, count: int, data: str | None) -> 
     from transformers import AutoTokenizer
 
     if source == "xsum":
-        from vllm_griffin.eval import load_rows, resolve_data
+        from vllm_griffin.eval_common import load_rows, resolve_data
 
         texts = [row["article"] for row in load_rows(resolve_data(data), limit=count)]
     else:

@@ -9,7 +9,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:  # the rest is mostly `vllm serve`'s options: serving parses it
-        from vllm_griffin.serving import cli_serve
+        from vllm_griffin.serve import cli_serve
 
         return cli_serve(argv[1:])
     parser = argparse.ArgumentParser(prog="vllm-griffin", description=__doc__)
@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_griffin import plots
 
     plots.add_parser(sub)
-    from vllm_griffin import serving
+    from vllm_griffin import serve
 
-    serving.add_parser(sub)
+    serve.add_parser(sub)
     from vllm_griffin import soak
 
     soak.add_parser(sub)

@@ -160,6 +160,17 @@ def is_tested_version(version: str) -> bool:
     return _version_key(version) in {_version_key(v) for v in TESTED_VLLM_VERSIONS}
 
 
+class GriffinCompatError(RuntimeError):
+    """vLLM moved: a hook GRIFFIN relies on is missing."""
+
+
+def compat_error(what: str) -> GriffinCompatError:
+    return GriffinCompatError(
+        f"vllm-griffin cannot hook vLLM {running_vllm_version()}: {what} is missing (tested with vLLM "
+        f"{' and '.join(TESTED_VLLM_VERSIONS)}). Install a supported vLLM version, or drop the griffin "
+        "additional_config to run plain vLLM.")
+
+
 def running_vllm_version() -> str:
     try:
         import vllm

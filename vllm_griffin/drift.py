@@ -53,7 +53,7 @@ def first_divergence(a: list[int], b: list[int]) -> int:
 
 def run_drift(args) -> dict:
     from vllm_griffin import hf_griffin
-    from vllm_griffin.eval import load_rows, parse_list, resolve_data, resolve_model
+    from vllm_griffin.eval_common import load_rows, parse_list, resolve_data, resolve_model
     from vllm_griffin.algorithm import METHODS
 
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def add_parser(tasks) -> None:
 
 
 def _cli_drift(args: argparse.Namespace) -> int:
-    from vllm_griffin.eval import EvalError
+    from vllm_griffin.eval_common import EvalError
 
     try:
         run_drift(args)

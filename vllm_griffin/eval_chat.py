@@ -30,7 +30,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_griffin.eval import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, agreement_with_dense,
+from vllm_griffin.eval_common import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, agreement_with_dense,
                                cli_runner, group_cells, load_previous, merge_samples, method_label, parse_list,
                                parse_request_options, plan_jobs, resolve_model, run_info, sampling_params,
                                write_result)

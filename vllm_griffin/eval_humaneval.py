@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_griffin.eval import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, cli_runner,
+from vllm_griffin.eval_common import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, cli_runner,
                                group_cells, load_previous, merge_samples, method_label, parse_list,
                                parse_request_options, plan_jobs, resolve_model, run_info, sampling_params,
                                write_result)

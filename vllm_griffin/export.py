@@ -11,13 +11,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-
-if TYPE_CHECKING:
-    from vllm_griffin.state import RequestState
 
 EXPORT_DIR_ENV = "VLLM_GRIFFIN_EXPORT_DIR"
 # vLLM appends "-" and 8 random hex characters to the caller's request id.
@@ -35,8 +32,9 @@ def external_request_id(internal_id: str) -> str:
     return _INTERNAL_SUFFIX.sub("", internal_id)
 
 
-def write_experts(directory: str | os.PathLike, state: "RequestState", experts: list[torch.Tensor],
+def write_experts(directory: str | os.PathLike, state: Any, experts: list[torch.Tensor],
                   statistic: torch.Tensor | None = None) -> Path:
+    """``state``: the request (``core.state.RequestState``: its req_id, prompt_len, density, method)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     request_id = external_request_id(state.req_id)

