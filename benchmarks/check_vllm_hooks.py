@@ -7,7 +7,7 @@ repository root holding ``vllm/``), or the ``vllm`` package directory itself
 (e.g. site-packages/vllm). Nothing is imported from PATH and nothing is
 installed: the script parses vLLM's ``.py`` files with ``ast``.
 
-For every hook in ``vllm_griffin.compat.ALL_HOOKS`` (the table the runtime
+For every hook in ``vllm_griffin.engine.compat.ALL_HOOKS`` (the table the runtime
 check uses) it resolves ``module:Class.attr`` the way Python would: module
 files and packages, ``from x import y`` / ``import *`` re-exports (relative
 too), class bodies and their vLLM base classes, module-level instances
@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vllm_griffin.compat import ALL_HOOKS, HOOK_FINGERPRINTS  # noqa: E402 (data only; does not import vLLM)
+from vllm_griffin.engine.compat import ALL_HOOKS, HOOK_FINGERPRINTS  # noqa: E402 (data only; does not import vLLM)
 
 # Methods every typing.NamedTuple / collections.namedtuple class has without defining them.
 _NAMEDTUPLE_ATTRS = {"_replace", "_asdict", "_make", "_fields", "_field_defaults"}

@@ -6,7 +6,7 @@ half-FF ceiling, side by side in one process.
 
 The model is a plain-torch Llama decoder (Llama-3-8B's shape by default: hidden 4096,
 FF 14336, 32 layers, 32/8 heads, vocab 128256) with random bf16 weights made on the
-device; it needs torch, Triton and ``vllm_griffin.algorithm`` / ``vllm_griffin.ops``
+device; it needs torch, Triton and ``vllm_griffin.core.algorithm`` / ``vllm_griffin.ops``
 only, so it runs where vLLM is not installed.
 
 Per batch size: one prefill of random prompts with the full MLP, capturing each
@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from vllm_griffin import algorithm
+from vllm_griffin.core import algorithm
 from vllm_griffin.ops import dispatch
 from vllm_griffin.ops.reference import ExpertWeights, capture_reference, experts_mlp_gather
 

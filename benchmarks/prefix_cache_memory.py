@@ -67,7 +67,7 @@ print("RESULT " + json.dumps(out), flush=True)
 
 def measure(model: str) -> dict:
     """KV blocks vLLM gives the same budget without and with GRIFFIN (prefix caching on)."""
-    from vllm_griffin.models import MODELS, prepare_model
+    from vllm_griffin.tools.models import MODELS, prepare_model
 
     path = str(prepare_model(model)) if model in MODELS else model
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 Q=benchmarks/results/quality
 RUN="${RUN:-}"   # e.g. RUN="flock /tmp/vllm-griffin-engine.lock" on a machine shared with other engines
-griffin() { $RUN $PY -m vllm_griffin.cli "$@"; }
+griffin() { $RUN $PY -m vllm_griffin.tools.cli "$@"; }
 EXPORTS=$(mktemp -d)
 
 for model in smollm2-135m-instruct gemma-3-270m; do
@@ -30,7 +30,7 @@ for model in smollm2-135m-instruct gemma-3-270m; do
   # 5. held out: rows 40-79 (the prior's weight was chosen on rows 0-19); row 65 needs more than 2048 tokens
   griffin eval xsum --model $model --start 40 --limit 40 --max-tokens 48 --max-model-len 4096 --setting greedy \
     --methods full,topk,topk_magnitude --densities 0.5 --out $Q/xsum_heldout40_$model.json
-  $PY -m vllm_griffin.cli plot overlap --experts $EXPORTS/$model --plot-methods topk,topk_sample \
+  $PY -m vllm_griffin.tools.cli plot overlap --experts $EXPORTS/$model --plot-methods topk,topk_sample \
     --out $Q/overlap_$model.json
 done
 # the paper's sampled setting (temperature 0.3)
@@ -44,9 +44,9 @@ griffin eval xsum --model gemma-3-270m --limit 8 --max-tokens 64 --out $Q/xsum_g
   --append --setting paper --methods topk_magnitude
 rm -rf "$EXPORTS"
 # Hugging Face model only (no engine)
-$PY -m vllm_griffin.cli plot flocking --model smollm2-135m-instruct --row 0 --out $Q/flocking_smollm2.png
-$PY -m vllm_griffin.cli plot flocking --model gemma-3-270m --row 0 --out $Q/flocking_gemma3.png
-$PY -m vllm_griffin.cli eval drift --model smollm2-135m-instruct --methods topk,topk_down,topk_down_first_dense \
+$PY -m vllm_griffin.tools.cli plot flocking --model smollm2-135m-instruct --row 0 --out $Q/flocking_smollm2.png
+$PY -m vllm_griffin.tools.cli plot flocking --model gemma-3-270m --row 0 --out $Q/flocking_gemma3.png
+$PY -m vllm_griffin.tools.cli eval drift --model smollm2-135m-instruct --methods topk,topk_down,topk_down_first_dense \
   --densities 0.5 --prompts 2 --threads 1 --out $Q/drift_smollm2.json
-$PY -m vllm_griffin.cli eval drift --model smollm2-135m-instruct --methods topk_magnitude \
+$PY -m vllm_griffin.tools.cli eval drift --model smollm2-135m-instruct --methods topk_magnitude \
   --densities 0.5 --prompts 2 --threads 1 --out $Q/drift_smollm2_topk_magnitude.json

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 Q=benchmarks/results/quality
 export VLLM_CPU_OMP_THREADS_BIND=${CORE:-0} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
-griffin() { taskset -c "${CORE:-0}" $PY -m vllm_griffin.cli "$@"; }
+griffin() { taskset -c "${CORE:-0}" $PY -m vllm_griffin.tools.cli "$@"; }
 QWEN=qwen2.5-coder-0.5b-instruct
 
 humaneval() {  # $1 = first problem, $2 = count, $3 = output name

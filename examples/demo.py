@@ -40,10 +40,10 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from vllm_griffin import algorithm
-    from vllm_griffin.config import GriffinConfig
-    from vllm_griffin.eval_chat import is_degenerate
-    from vllm_griffin.models import prepare_model
+    from vllm_griffin.core import algorithm
+    from vllm_griffin.core.config import GriffinConfig
+    from vllm_griffin.tools.eval_chat import is_degenerate
+    from vllm_griffin.tools.models import prepare_model
 
     model_dir = prepare_model(args.model)
     griffin = {"method": args.method} if args.method else {}

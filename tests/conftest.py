@@ -107,7 +107,7 @@ def capture_path(request, monkeypatch):
     """The prompt statistic's capture through the C kernel, or through the plain-torch
     path GPUs take (parametrizes the state tests that use it)."""
     if request.param == "torch":
-        monkeypatch.setattr("vllm_griffin.state.capture_ops.uses_kernel", lambda z: False)
+        monkeypatch.setattr("vllm_griffin.core.state.capture_ops.uses_kernel", lambda z: False)
     else:
         from vllm_griffin.ops import capture
 
@@ -143,7 +143,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from vllm_griffin.models import prepare_model
+    from vllm_griffin.tools.models import prepare_model
 
     return prepare_model("smollm2-135m-instruct")
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.oracle import statistic_from_activations
-from vllm_griffin import algorithm
+from vllm_griffin.core import algorithm
 from vllm_griffin.ops import ExpertWeights, experts_mlp_gather, experts_mlp_masked
 
 
@@ -198,8 +198,8 @@ def test_engine_state_selects_topk_magnitude_like_the_definition():
     """GriffinState (the engine's per-request tables, no engine) picks the same experts as
     select_experts for topk_magnitude, next to a topk request on the same prompt in one batch."""
     from tests.oracle import statistic_from_activations
-    from vllm_griffin.config import GriffinConfig
-    from vllm_griffin.state import GriffinState, StepRow
+    from vllm_griffin.core.config import GriffinConfig
+    from vllm_griffin.core.state import GriffinState, StepRow
 
     layers, width = 2, 16
     state = GriffinState(GriffinConfig(method="topk"), layers, width, torch.device("cpu"), max_seqs=4)
@@ -304,8 +304,8 @@ def test_sampling_baselines_draw_in_proportion_to_the_statistic():
 
 
 def test_request_seed_changes_and_fixes_a_sampled_draw():
-    from vllm_griffin.config import GriffinConfig
-    from vllm_griffin.state import GriffinState, StepRow
+    from vllm_griffin.core.config import GriffinConfig
+    from vllm_griffin.core.state import GriffinState, StepRow
 
     z = torch.randn(12, 32, generator=torch.Generator().manual_seed(5))
 

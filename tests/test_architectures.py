@@ -1,4 +1,4 @@
-"""Every architecture in vllm_griffin.architectures, on a tiny random checkpoint
+"""Every architecture in vllm_griffin.core.architectures, on a tiny random checkpoint
 saved by transformers and served by real vLLM engines (float32, CPU):
 
 * density 1.0 on a GRIFFIN engine == plain vLLM (plugin not loaded): same greedy
@@ -20,8 +20,8 @@ import torch
 
 from tests.oracle import griffin_generate
 from tests.tiny_models import ARCHITECTURES, save_tiny
-from vllm_griffin.architectures import ARCHITECTURES as SUPPORTED
-from vllm_griffin.export import read_experts
+from vllm_griffin.core.architectures import ARCHITECTURES as SUPPORTED
+from vllm_griffin.core.export import read_experts
 
 pytestmark = pytest.mark.slow
 

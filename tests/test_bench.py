@@ -17,7 +17,7 @@ from tests.conftest import run_engine_command
 
 
 def test_bench_methods_parse_and_bad_ones_are_named():
-    from vllm_griffin.bench import parse_method
+    from vllm_griffin.tools.bench import parse_method
 
     assert parse_method("topk") == ("topk", {})
     assert parse_method("gated+refresh8") == ("gated", {"refresh": 8})
@@ -29,7 +29,7 @@ def test_bench_methods_parse_and_bad_ones_are_named():
 @pytest.mark.slow
 def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "vllm_griffin.cli", "bench", "--models", "smollm2", "--batch-sizes", "1,3",
+    cmd = [sys.executable, "-m", "vllm_griffin.tools.cli", "bench", "--models", "smollm2", "--batch-sizes", "1,3",
            "--densities", "0.5", "--gen-len", "4", "--repeats", "1", "--decode-seconds", "0.3",
            "--prefill-repeats", "2", "--prefill-seconds", "0.5", "--prompts", "humaneval", "--out", str(out)]
     done = run_engine_command(engines, cmd)
@@ -40,7 +40,7 @@ def test_bench_writes_consistent_results(engines, tmp_path, smollm2_dir):
     # Real prompts: the first problems, tokenized for the model, at their own lengths.
     from transformers import AutoTokenizer
 
-    from vllm_griffin.eval_humaneval import load_problems
+    from vllm_griffin.tools.eval_humaneval import load_problems
 
     lengths = [len(AutoTokenizer.from_pretrained(smollm2_dir)(p["prompt"])["input_ids"]) for p in load_problems(limit=3)]
     for (batch, _), r in runs.items():

@@ -8,7 +8,7 @@ import pytest
 
 
 def test_installed_vllm_has_every_hook():
-    from vllm_griffin.compat import ENGINE_HOOKS, missing_hooks
+    from vllm_griffin.engine.compat import ENGINE_HOOKS, missing_hooks
 
     assert missing_hooks() == []
     assert len(ENGINE_HOOKS) > 10
@@ -16,7 +16,7 @@ def test_installed_vllm_has_every_hook():
 
 def test_installed_vllm_has_every_model_runner_v2_hook():
     # griffin.cuda_graphs=true runs on Model Runner V2 (CUDA only), checked on GPUs at config time.
-    from vllm_griffin.compat import GRAPH_HOOKS, missing_hooks
+    from vllm_griffin.engine.compat import GRAPH_HOOKS, missing_hooks
 
     assert missing_hooks(GRAPH_HOOKS) == []
 
@@ -27,7 +27,7 @@ def test_missing_runner_hook_fails_griffin_engine_config_naming_version_and_hook
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     import vllm_griffin
-    from vllm_griffin.compat import GriffinCompatError
+    from vllm_griffin.engine.compat import GriffinCompatError
 
     vllm_griffin.register()
     monkeypatch.delattr(GPUModelRunner, "_on_request_state_removed")
@@ -42,7 +42,7 @@ def test_missing_runner_hook_fails_griffin_engine_config_naming_version_and_hook
 
 
 def test_missing_module_is_named(monkeypatch):
-    from vllm_griffin import compat
+    from vllm_griffin.engine import compat
 
     hooks = (("vllm.v1.engine.input_processor", "InputProcessor._validate_params"),
              ("vllm.no_such_module", "Thing.method"))
@@ -55,7 +55,7 @@ def test_missing_module_is_named(monkeypatch):
 def test_plugin_load_warns_and_leaves_plain_vllm_alone_when_its_hook_moved(monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_griffin import integration
+    from vllm_griffin.engine import integration
 
     warnings = []
     monkeypatch.setattr(integration.logger, "warning", lambda fmt, *a: warnings.append(fmt % a))
@@ -75,7 +75,7 @@ def version_warnings(monkeypatch):
     """Records what the compat check logs, with a fresh once-per-process flag."""
     import logging
 
-    from vllm_griffin import compat
+    from vllm_griffin.engine import compat
 
     records = []
 
@@ -91,7 +91,7 @@ def version_warnings(monkeypatch):
 
 
 def test_tested_versions_are_0_32_and_0_33_by_release_part():
-    from vllm_griffin import compat
+    from vllm_griffin.engine import compat
 
     assert compat.TESTED_VLLM_VERSIONS == ("0.32.0", "0.33.0")
     for version in ("0.32.0", "0.33.0", "0.32.0+cpu", "0.33.0+cu129", "0.32"):
@@ -103,7 +103,7 @@ def test_tested_versions_are_0_32_and_0_33_by_release_part():
 def test_untested_vllm_version_logs_one_line_once(monkeypatch, version_warnings):
     import vllm
 
-    from vllm_griffin import compat
+    from vllm_griffin.engine import compat
 
     monkeypatch.setattr(vllm, "__version__", "0.34.1+cpu")
     assert compat.missing_hooks(compat.PLUGIN_LOAD_HOOKS) == []  # hooks still checked, not an error
@@ -120,7 +120,7 @@ def test_untested_vllm_version_logs_one_line_once(monkeypatch, version_warnings)
 def test_tested_vllm_version_logs_nothing(monkeypatch, version_warnings, version):
     import vllm
 
-    from vllm_griffin import compat
+    from vllm_griffin.engine import compat
 
     monkeypatch.setattr(vllm, "__version__", version)
     assert compat.missing_hooks() == []
@@ -179,7 +179,7 @@ def vllm_dir():
 
 
 def test_script_reads_the_compat_table(hook_script):
-    from vllm_griffin import compat
+    from vllm_griffin.engine import compat
 
     assert hook_script.ALL_HOOKS is compat.ALL_HOOKS
     assert hook_script.HOOK_FINGERPRINTS is compat.HOOK_FINGERPRINTS
@@ -193,7 +193,7 @@ def test_script_passes_installed_vllm_source_tree_without_importing_it(vllm_dir)
 
     result = subprocess.run([sys.executable, str(SCRIPT), str(vllm_dir)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    from vllm_griffin.compat import ALL_HOOKS
+    from vllm_griffin.engine.compat import ALL_HOOKS
 
     lines = [line for line in result.stdout.splitlines() if line.startswith("OK ")]
     assert len(lines) == len(ALL_HOOKS)
@@ -213,7 +213,7 @@ def test_static_resolution_finds_the_definitions_python_uses(hook_script, vllm_d
     import importlib
     import inspect
 
-    from vllm_griffin.compat import ALL_HOOKS
+    from vllm_griffin.engine.compat import ALL_HOOKS
 
     resolver = hook_script.Resolver(hook_script.Source(vllm_dir))
     compared = 0
@@ -309,7 +309,7 @@ def test_script_reads_a_wheel(hook_script, vllm_dir, tmp_path, capsys):
                 archive.write(file, file.relative_to(vllm_dir.parent).as_posix())
         archive.writestr("vllm-0.32.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0\n")
     assert hook_script.main([str(wheel)]) == 0
-    from vllm_griffin.compat import ALL_HOOKS
+    from vllm_griffin.engine.compat import ALL_HOOKS
 
     assert f"{len(ALL_HOOKS)} hooks: {len(ALL_HOOKS)} OK" in capsys.readouterr().out
     assert hook_script.check(wheel)[0] == hook_script.check(vllm_dir)[0]

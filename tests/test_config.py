@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vllm_griffin.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
+from vllm_griffin.core.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
 
 
 def test_absent_griffin_key_means_off():

@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_griffin.algorithm import METHODS
-from vllm_griffin.config import (
+from vllm_griffin.core.algorithm import METHODS
+from vllm_griffin.core.config import (
     ENGINE_KEYS, MAX_REFRESH, REQUEST_KEYS, TP_SELECTIONS, GriffinConfig, GriffinConfigError, RequestOptions,
     parse_request_options)
 
@@ -444,7 +444,7 @@ def test_request_vllm_xargs(xargs_adapter, body, as_json):
 @FUZZ_SMALL
 @given(text=st.one_of(st.sampled_from(SPECIAL_STRINGS), st.text(max_size=12), valid_density.map(repr)))
 def test_serve_flags(text):
-    from vllm_griffin import serving
+    from vllm_griffin.engine import serving
 
     for parse, want in ((serving._density_arg, lambda t: want_density(from_xargs_string(t))),
                         (serving._method_arg, want_method)):

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import hf_model
 from tests.oracle import griffin_generate
 from tests.test_engine_tiny import make_prompts, params, tokens_prompt
-from vllm_griffin.export import read_experts
+from vllm_griffin.core.export import read_experts
 
 pytestmark = pytest.mark.slow
 

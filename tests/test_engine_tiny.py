@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import hf_model
 from tests.oracle import griffin_generate
-from vllm_griffin.export import read_experts, read_statistic
+from vllm_griffin.core.export import read_experts, read_statistic
 
 pytestmark = pytest.mark.slow
 

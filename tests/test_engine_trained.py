@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import hf_model
 from tests.oracle import griffin_generate, griffin_generate_variant
-from vllm_griffin.export import read_experts
+from vllm_griffin.core.export import read_experts
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def test_trained_model_matches_oracle(engines, name, tmp_path_factory):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_griffin.models import prepare_model
+    from vllm_griffin.tools.models import prepare_model
 
     model_dir = prepare_model(name)
     export_dir = tmp_path_factory.mktemp(f"{name}-experts")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import run_engine_command
-from vllm_griffin import eval_common as quality_eval
-from vllm_griffin.cli import main
+from vllm_griffin.tools import eval_common as quality_eval
+from vllm_griffin.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_xsum_eval_on_an_engine(engines, tmp_path, smollm2_dir):
     the JSON holds real outputs, its ROUGE is recomputable from them, dense equals the
     Hugging Face model's greedy tokens, and the exported experts give an overlap table."""
     out, experts = tmp_path / "r.json", tmp_path / "experts"
-    cmd = [sys.executable, "-m", "vllm_griffin.cli", "eval", "xsum", "--model", "smollm2-135m-instruct",
+    cmd = [sys.executable, "-m", "vllm_griffin.tools.cli", "eval", "xsum", "--model", "smollm2-135m-instruct",
            "--limit", "2", "--setting", "greedy", "--methods", "full,topk,topk_down_first_dense,topk_magnitude", "--densities", "0.5",
            "--max-tokens", "8", "--dtype", "float32", "--out", str(out), "--export-experts", str(experts)]
     try:
@@ -79,7 +79,7 @@ def test_xsum_eval_on_an_engine(engines, tmp_path, smollm2_dir):
 
     # Dense ("full") is the plain model: the same text as Hugging Face greedy decoding.
     from tests.conftest import hf_model
-    from vllm_griffin import hf_griffin
+    from vllm_griffin.tools import hf_griffin
 
     model = hf_model(smollm2_dir)
     import transformers
@@ -93,7 +93,7 @@ def test_xsum_eval_on_an_engine(engines, tmp_path, smollm2_dir):
         assert s["prediction"] == quality_eval.clean_summary(tok.decode(hf, skip_special_tokens=True))
 
     # The engine's experts for the new methods equal the HF-side selection (same math).
-    from vllm_griffin.export import read_experts
+    from vllm_griffin.core.export import read_experts
 
     weights = hf_griffin.layer_weights(model)
     for s in (s for s in samples if s["method"] in ("topk_down_first_dense", "topk_magnitude")):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_engine_command
-from vllm_griffin import eval_common as quality_eval
-from vllm_griffin import eval_chat as chat
-from vllm_griffin.cli import main
+from vllm_griffin.tools import eval_common as quality_eval
+from vllm_griffin.tools import eval_chat as chat
+from vllm_griffin.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {"fact", "how-to", "list", "explanation", "rewrite", "code", "math"}
@@ -128,7 +128,7 @@ def test_chat_on_an_engine(engines, tmp_path, smollm2_dir):
     (the dense answer is Hugging Face's greedy answer to the same template), dense agrees with
     itself at 100, and every score recomputes from the stored answers and token ids."""
     out = tmp_path / "c.json"
-    cmd = [sys.executable, "-m", "vllm_griffin.cli", "eval", "chat", "--model", "smollm2-135m-instruct",
+    cmd = [sys.executable, "-m", "vllm_griffin.tools.cli", "eval", "chat", "--model", "smollm2-135m-instruct",
            "--split", "heldout", "--limit", "3", "--methods", "full,topk", "--densities", "0.5",
            "--max-tokens", "24", "--out", str(out)]
     proc = run_engine_command(engines, cmd, cwd=REPO, timeout=600)

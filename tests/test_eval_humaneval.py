@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_engine_command
-from vllm_griffin import eval_humaneval as he
-from vllm_griffin.cli import main
+from vllm_griffin.tools import eval_humaneval as he
+from vllm_griffin.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ def test_summary_and_files(tmp_path):
 
 def test_append_replaces_only_the_cells_it_ran(tmp_path):
     """--append: a rerun of a cell replaces it, other cells stay; another model or other problems is refused."""
-    from vllm_griffin import eval_common as quality_eval
+    from vllm_griffin.tools import eval_common as quality_eval
 
     first = [_sample("full", 1.0, 0, "a", True), _sample("topk", 0.5, 0, "x", False)]
     result = quality_eval.merge_samples({"model": "m", "problems": [0, 0], "runs": [], "samples": []}, first, {"n": 1})
@@ -174,7 +174,7 @@ def test_humaneval_on_an_engine(engines, tmp_path):
     real completions, each verdict is what running it again gives, and the summary
     is the mean of the verdicts."""
     out = tmp_path / "h.json"
-    cmd = [sys.executable, "-m", "vllm_griffin.cli", "eval", "humaneval", "--model", "smollm2-135m-instruct",
+    cmd = [sys.executable, "-m", "vllm_griffin.tools.cli", "eval", "humaneval", "--model", "smollm2-135m-instruct",
            "--limit", "2", "--methods", "full,topk", "--densities", "0.5", "--max-tokens", "48",
            "--timeout", "5", "--out", str(out)]
     proc = run_engine_command(engines, cmd, cwd=REPO, timeout=600)

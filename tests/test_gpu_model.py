@@ -23,7 +23,7 @@ try:
 finally:
     sys.path.remove(str(ROOT / "benchmarks"))
 
-from vllm_griffin import algorithm
+from vllm_griffin.core import algorithm
 from vllm_griffin.ops.reference import experts_mlp_gather
 
 BATCHES = (1, 2)

@@ -8,8 +8,8 @@ import torch
 
 from tests.oracle import griffin_generate
 from tests.tiny_models import save_tiny
-from vllm_griffin import hf_griffin
-from vllm_griffin.drift import first_divergence
+from vllm_griffin.tools import hf_griffin
+from vllm_griffin.tools.drift import first_divergence
 
 
 def test_hf_griffin_matches_the_oracle_and_is_self_consistent(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for vllm_griffin.models: GGUF (from PyPI packages) -> HF folder.
+"""Tests for vllm_griffin.tools.models: GGUF (from PyPI packages) -> HF folder.
 
 The real builds go to the default cache (``$VLLM_GRIFFIN_HOME`` or ``~/.cache/vllm-griffin``)
 so later runs reuse them; everything that breaks things on purpose uses a tmp home.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_griffin import models
-from vllm_griffin.models import MARKER_NAME, MODELS, cli_prepare_model, prepare_model
+from vllm_griffin.tools import models
+from vllm_griffin.tools.models import MARKER_NAME, MODELS, cli_prepare_model, prepare_model
 
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
@@ -237,7 +237,7 @@ def test_second_call_is_instant(built, name):
 def test_cached_cli_prints_only_path_and_skips_torch(built):
     folder, _ = built["smollm2-135m-instruct"]
     code = (
-        "import sys; from vllm_griffin.models import cli_prepare_model; "
+        "import sys; from vllm_griffin.tools.models import cli_prepare_model; "
         "rc = cli_prepare_model('smollm2-135m-instruct'); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; sys.exit(rc)"
     )

@@ -55,7 +55,7 @@ def test_unsupported_architecture_lists_the_supported_ones(engines, tmp_path):
     cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=128, n_positions=256)
     cfg.architectures = ["GPT2LMHeadModel"]
     cfg.save_pretrained(tmp_path)
-    from vllm_griffin.architectures import ARCHITECTURES
+    from vllm_griffin.core.architectures import ARCHITECTURES
 
     supported = ", ".join(sorted(ARCHITECTURES))
     with pytest.raises(ValueError, match=r"does not support architecture \['GPT2LMHeadModel'\]; supported: ") as info:

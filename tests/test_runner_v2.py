@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_griffin import algorithm
-from vllm_griffin.config import GriffinConfig
-from vllm_griffin.runner_v2 import (GriffinModelStateMixin, GriffinRunnerV2Mixin, griffin_model_state_cls,
+from vllm_griffin.core import algorithm
+from vllm_griffin.core.config import GriffinConfig
+from vllm_griffin.engine.runner_v2 import (GriffinModelStateMixin, GriffinRunnerV2Mixin, griffin_model_state_cls,
                                     keep_prompts_off_full_graphs)
-from vllm_griffin.state import GriffinState
+from vllm_griffin.core.state import GriffinState
 
 v2_input_batch = pytest.importorskip("vllm.v1.worker.gpu.input_batch")
 from vllm.sampling_params import SamplingParams  # noqa: E402
@@ -102,7 +102,7 @@ def _z(req_id: str, positions: range) -> torch.Tensor:
 
 def _forward(griffin: GriffinState, rows) -> None:
     """What the GriffinMLPs do with the step's prompt tokens: capture their activations."""
-    from vllm_griffin import layers
+    from vllm_griffin.engine import layers
 
     plan = layers._ACTIVE_PLAN
     if plan is None or plan.capture_pos is None:
@@ -176,7 +176,7 @@ def test_a_requests_life_on_model_runner_v2():
 
 
 def test_dummy_batches_run_vllms_own_mlp():
-    from vllm_griffin import layers
+    from vllm_griffin.engine import layers
 
     state, griffin = _model_state(graphs=False)
     assert griffin.graph is None  # eager: no graph buffers

@@ -71,7 +71,7 @@ def test_plugin_flags_fold_into_additional_config():
 
 
 def test_several_api_servers_warn_once_that_griffin_metrics_are_not_exported(monkeypatch, caplog):
-    from vllm_griffin import serving
+    from vllm_griffin.engine import serving
 
     monkeypatch.setattr(serving, "_warned_api_servers", False)
     with caplog.at_level("WARNING", logger="vllm.griffin.serving"):
@@ -110,7 +110,7 @@ def test_without_plugin_serving_is_plain_vllm():
      "--griffin-density 0.25 conflicts with --additional-config griffin.density=0.5"),
 ])
 def test_plugin_flag_misuse_says_what_to_write(flags, message):
-    from vllm_griffin.serving import GriffinCliError
+    from vllm_griffin.engine.serving import GriffinCliError
 
     with pytest.raises(GriffinCliError, match=message.replace(".", r"\.")):
         parse_serve(["m", *flags])
@@ -130,7 +130,7 @@ def test_bad_plugin_flag_values_stop_the_parser(flags, message, capsys):
 
 
 def test_compat_failure_points_to_additional_config(monkeypatch):
-    from vllm_griffin import serving
+    from vllm_griffin.engine import serving
 
     monkeypatch.setattr(sys, "argv", ["vllm", "serve", "m", "--plugin", "griffin"])
     with pytest.raises(serving.GriffinCliError, match="--additional-config '\\{\"griffin\""):
@@ -138,7 +138,7 @@ def test_compat_failure_points_to_additional_config(monkeypatch):
 
 
 def test_vllm_griffin_serve_runs_vllm_serve_with_the_plugin(smollm2_dir):
-    from vllm_griffin.serve import vllm_serve_argv
+    from vllm_griffin.tools.serve import vllm_serve_argv
 
     argv = vllm_serve_argv(["--density", "0.25", "--port", "8001", "--enforce-eager"])
     assert argv == ["serve", str(smollm2_dir), "--plugin", "griffin", "--griffin-density", "0.25",

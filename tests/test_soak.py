@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_soak_for_a_minute(engines, tmp_path):
     out = tmp_path / "soak.json"
     # Seed 0 with a 20 % bad share: client 5's first request carries a bad option.
-    cmd = [sys.executable, "-m", "vllm_griffin.cli", "soak", "--minutes", "1", "--interval", "10",
+    cmd = [sys.executable, "-m", "vllm_griffin.tools.cli", "soak", "--minutes", "1", "--interval", "10",
            "--concurrency", "8", "--bad-share", "0.2", "--max-tokens", "48", "--check-alone", "8",
            "--out", str(out)]
     proc = run_engine_command(engines, cmd, cwd=REPO)
@@ -43,8 +43,8 @@ def test_selection_difference_tells_a_near_tie_from_a_fault(tmp_path):
     statistics equal to rounding, and statistics that really differ."""
     import torch
 
-    from vllm_griffin.export import write_experts
-    from vllm_griffin.soak import STATISTIC_ROUNDING, _selection_difference
+    from vllm_griffin.core.export import write_experts
+    from vllm_griffin.tools.soak import STATISTIC_ROUNDING, _selection_difference
 
     class Req:  # the fields write_experts reads
         prompt_len, density, method = 5, 0.5, "topk"
@@ -81,7 +81,7 @@ def test_soak_verdict_fails_on_each_finding(tmp_path):
     """The checks themselves (no server): leaks, growth, errors and changed answers fail."""
     import argparse
 
-    from vllm_griffin.soak import Sample, Tally, _verdict
+    from vllm_griffin.tools.soak import Sample, Tally, _verdict
 
     args = argparse.Namespace(rss_growth=0.05, minutes=1.0)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.oracle import statistic_from_activations
-from vllm_griffin.config import GriffinConfig
-from vllm_griffin.state import GriffinState, StepRow
+from vllm_griffin.core.config import GriffinConfig
+from vllm_griffin.core.state import GriffinState, StepRow
 
 LAYERS, WIDTH, BLOCK = 2, 16, 4
 

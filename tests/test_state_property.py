@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from tests.oracle import statistic_from_activations
-from vllm_griffin.config import GriffinConfig
-from vllm_griffin.state import GriffinState, StepRow
+from vllm_griffin.core.config import GriffinConfig
+from vllm_griffin.core.state import GriffinState, StepRow
 
 LAYERS, WIDTH = 2, 16
 K = WIDTH // 2          # topk at the default density 0.5

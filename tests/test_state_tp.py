@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.oracle import statistic_from_activations
-from vllm_griffin.config import GriffinConfig
-from vllm_griffin.state import GriffinState, StepRow, TensorParallel
+from vllm_griffin.core.config import GriffinConfig
+from vllm_griffin.core.state import GriffinState, StepRow, TensorParallel
 
 LAYERS, WIDTH, RANKS = 2, 16, 2  # WIDTH: neurons per layer over all ranks
 
@@ -97,7 +97,7 @@ def prefill(states, z_full, chunks=(5, 4), req="a", extra_args=None):
 
 
 def test_global_selection_is_the_single_device_top_k(tmp_path):
-    from vllm_griffin.export import read_experts
+    from vllm_griffin.core.export import read_experts
 
     z = torch.randn(9, WIDTH)
     z[:, : WIDTH // RANKS] *= 3  # rank 0's neurons dominate: the ranks keep different counts

@@ -8,6 +8,6 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """``vllm.general_plugins`` entry point (named ``griffin``)."""
-    from vllm_griffin.integration import register as _register
+    from vllm_griffin.engine.integration import register as _register
 
     _register()

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from vllm_griffin.algorithm import prompt_contributions
+from vllm_griffin.core.algorithm import prompt_contributions
 
 ActAndMul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -127,7 +127,7 @@ def gated_experts_reference(x, weights: ExpertWeights, pool: torch.Tensor, k: in
                             act_and_mul: ActAndMul) -> torch.Tensor:
     """The ``gated`` method's decode MLP, dense and masked: each row keeps the ``k`` neurons of
     its ``pool`` ([T, D] bool) whose activated gate is largest (algorithm.token_experts)."""
-    from vllm_griffin.algorithm import token_experts
+    from vllm_griffin.core.algorithm import token_experts
 
     x = x.to(weights.gate.dtype)
     gate = x @ weights.gate.t()
@@ -151,7 +151,7 @@ def gated_keep_reference(gate_act: torch.Tensor, masks: torch.Tensor, slots: tor
     """[T, D] bool for a masked step with `gated` rows: row t keeps the ``ks[t]`` neurons of
     its pool ``masks[slots[t]]`` whose activated gate ``gate_act[t]`` is largest in magnitude
     (algorithm.token_experts); ``ks[t] = 0``, a row of another method: its whole pool."""
-    from vllm_griffin.algorithm import token_experts
+    from vllm_griffin.core.algorithm import token_experts
 
     keep = masks[slots]  # advanced indexing: a copy, safe to write
     for k in ks.unique().tolist():

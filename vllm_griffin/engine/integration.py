@@ -23,9 +23,9 @@ import functools
 import logging
 import os
 
-from vllm_griffin.architectures import spec_for
-from vllm_griffin.compat import compat_error
-from vllm_griffin.config import GriffinConfig
+from vllm_griffin.core.architectures import spec_for
+from vllm_griffin.engine.compat import compat_error
+from vllm_griffin.core.config import GriffinConfig
 
 logger = logging.getLogger("vllm.griffin")
 
@@ -44,7 +44,7 @@ _REQUIRED_RUNNER_V2_ATTRS = ("finish_requests", "gather_batch_req_state", "load_
 
 def register() -> None:
     """Entry point of the ``griffin`` general plugin; safe to call many times."""
-    from vllm_griffin.compat import PLUGIN_LOAD_HOOKS, missing_hooks
+    from vllm_griffin.engine.compat import PLUGIN_LOAD_HOOKS, missing_hooks
 
     missing = missing_hooks(PLUGIN_LOAD_HOOKS)
     if missing:
@@ -53,7 +53,7 @@ def register() -> None:
         return
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_griffin.serving import install_cli_hooks
+    from vllm_griffin.engine.serving import install_cli_hooks
 
     install_cli_hooks()  # `vllm serve --plugin griffin [--griffin-density D]`
     original = EngineArgs.create_engine_config
@@ -72,14 +72,14 @@ def register() -> None:
 
 
 def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *args, **kwargs):
-    from vllm_griffin.compat import missing_hooks
+    from vllm_griffin.engine.compat import missing_hooks
 
     missing = missing_hooks()
     if missing:  # before anything starts: name the vLLM version and every missing hook
         raise compat_error(", ".join(missing))
     graphs = _use_cuda_graphs(cfg)
     if graphs:
-        from vllm_griffin.compat import GRAPH_HOOKS
+        from vllm_griffin.engine.compat import GRAPH_HOOKS
 
         missing = missing_hooks(GRAPH_HOOKS)
         if missing:
@@ -113,7 +113,7 @@ def _create_griffin_engine_config(engine_args, original, cfg: GriffinConfig, *ar
         vllm_config.additional_config[BASE_SCHEDULER_KEY] = base
         scheduler.scheduler_cls = _GRIFFIN_SCHEDULER
     _install_request_validation()
-    from vllm_griffin.metrics import install_frontend_hooks
+    from vllm_griffin.engine.metrics import install_frontend_hooks
 
     install_frontend_hooks(vllm_config)  # API server: vllm:griffin_* on /metrics
     logger.info("GRIFFIN on: density=%s method=%s%s", cfg.density, cfg.method,
@@ -200,8 +200,8 @@ def _install_request_validation() -> None:
         result = original(self, params, *args, **kwargs)
         cfg = GriffinConfig.from_additional_config(self.vllm_config.additional_config)
         if cfg is not None:
-            from vllm_griffin.metrics import observe_request
-            from vllm_griffin.serving import validate_sampling_params
+            from vllm_griffin.engine.metrics import observe_request
+            from vllm_griffin.engine.serving import validate_sampling_params
 
             observe_request(cfg, validate_sampling_params(params))
         return result
@@ -303,7 +303,7 @@ class _GriffinWorkerMixin:
         if missing:
             raise compat_error(f"{type(runner).__name__}.{missing[0]}")
         if v2:
-            from vllm_griffin.runner_v2 import GriffinRunnerV2Mixin
+            from vllm_griffin.engine.runner_v2 import GriffinRunnerV2Mixin
 
             runner.__class__ = _subclass(type(runner), GriffinRunnerV2Mixin)
         else:
@@ -371,7 +371,7 @@ def griffin_model_class(base: type, spec) -> type:
 
     def get_model_state_cls(self):
         # Model Runner V2 asks the model for its per-step state: vLLM's default plus GRIFFIN's hooks.
-        from vllm_griffin.runner_v2 import default_model_state_cls, griffin_model_state_cls
+        from vllm_griffin.engine.runner_v2 import default_model_state_cls, griffin_model_state_cls
 
         if self.griffin_state is None:
             return default_model_state_cls()
@@ -397,7 +397,7 @@ class GriffinRunnerMixin:
     def _model_forward(self, *args, **kwargs):
         if self.griffin is None:
             return super()._model_forward(*args, **kwargs)
-        from vllm_griffin.layers import active_plan
+        from vllm_griffin.engine.layers import active_plan
 
         plan = self.griffin.plan_step(_step_rows(self))
         with active_plan(plan):
@@ -424,7 +424,7 @@ def _tensor_parallel(cfg):
     from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
                                   tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce)
 
-    from vllm_griffin.state import TensorParallel
+    from vllm_griffin.core.state import TensorParallel
 
     size = get_tensor_model_parallel_world_size()
     if size == 1:
@@ -438,9 +438,9 @@ def _tensor_parallel(cfg):
 def _install_on_model(model, spec, cfg, vllm_config):
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    from vllm_griffin.export import export_dir_from_env
-    from vllm_griffin.layers import install
-    from vllm_griffin.state import GriffinState
+    from vllm_griffin.core.export import export_dir_from_env
+    from vllm_griffin.engine.layers import install
+    from vllm_griffin.core.state import GriffinState
 
     def make_state(num_layers, width, device):
         return GriffinState(
@@ -458,7 +458,7 @@ def _install_on_model(model, spec, cfg, vllm_config):
 
 
 def _step_rows(runner):
-    from vllm_griffin.state import StepRow
+    from vllm_griffin.core.state import StepRow
 
     batch = runner.input_batch
     num_reqs = batch.num_reqs

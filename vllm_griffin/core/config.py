@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from vllm_griffin.algorithm import METHODS
+from vllm_griffin.core.algorithm import METHODS
 
 CONFIG_KEY = "griffin"
 ENGINE_KEYS = ("density", "method", "densities", "seed", "tp_selection", "cuda_graphs", "refresh")

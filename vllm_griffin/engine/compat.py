@@ -7,7 +7,7 @@ AttributeError deep in a worker process.
 
 ``register()`` runs the cheap part at plugin load (the one hook every engine
 passes through) and warns; a GRIFFIN engine runs the whole table when its
-config is created and fails with :class:`~vllm_griffin.integration.GriffinCompatError`.
+config is created and fails with :class:`~vllm_griffin.engine.integration.GriffinCompatError`.
 Attributes a model runner only gets in ``__init__`` (``input_batch``,
 ``requests``, ...) are checked on the live runner when the worker starts.
 

@@ -47,7 +47,7 @@ import sys
 import threading
 from typing import Any
 
-from vllm_griffin.config import GriffinConfig, RequestOptions
+from vllm_griffin.core.config import GriffinConfig, RequestOptions
 
 logger = logging.getLogger("vllm.griffin.metrics")
 
@@ -184,7 +184,7 @@ def install_frontend_hooks(vllm_config) -> None:
         return
     original = getattr(entry, "build_app", None)
     if original is None:
-        from vllm_griffin.compat import compat_error
+        from vllm_griffin.engine.compat import compat_error
 
         logger.warning("%s GRIFFIN's worker metrics are not on /metrics.", compat_error(f"{_API_ENTRY_MODULE}.build_app"))
         return

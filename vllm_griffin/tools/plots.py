@@ -30,7 +30,7 @@ def lines_vs_density(ax, entries: list[dict], metric: str, dense_value: float | 
     """One quality-vs-density panel: a line per method (and request options), dense appended at
     density 1.0 and drawn as a dashed line. ``dense_value`` overrides dense's own ``metric``
     (e.g. a score against dense, which is 100 for dense by definition)."""
-    from vllm_griffin.eval_common import EVAL_METHODS, FULL, method_label, method_order
+    from vllm_griffin.tools.eval_common import EVAL_METHODS, FULL, method_label, method_order
 
     dense = next((e for e in entries if e["method"] == FULL), None)
     if dense_value is None and dense is not None:
@@ -121,8 +121,10 @@ def flocking_data(model_name: str, text: str, layer: int, max_tokens: int = 256)
     """Row-normalised |z| (tokens x neurons) of one layer for one prompt, neurons ordered by the statistic."""
     import torch
 
-    from vllm_griffin import algorithm, hf_griffin
-    from vllm_griffin.eval_common import EvalError, resolve_model
+    from vllm_griffin.core import algorithm
+
+    from vllm_griffin.tools import hf_griffin
+    from vllm_griffin.tools.eval_common import EvalError, resolve_model
 
     model, tokenizer = hf_griffin.load_hf_model(resolve_model(model_name))
     num_layers = len(hf_griffin.mlps(model))
@@ -182,8 +184,8 @@ def overlap_from_exports(directory: Path) -> dict:
 
     import torch
 
-    from vllm_griffin.eval_common import EvalError
-    from vllm_griffin.export import read_experts
+    from vllm_griffin.tools.eval_common import EvalError
+    from vllm_griffin.core.export import read_experts
 
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
@@ -279,7 +281,7 @@ def _cli_flocking(args) -> int:
     import json
     import sys
 
-    from vllm_griffin.eval_common import EvalError, load_rows, resolve_data
+    from vllm_griffin.tools.eval_common import EvalError, load_rows, resolve_data
 
     try:
         text = args.prompt
@@ -288,7 +290,7 @@ def _cli_flocking(args) -> int:
             text = rows[0]["article"]
         layer = args.layer
         if layer is None:
-            from vllm_griffin.eval_common import resolve_model
+            from vllm_griffin.tools.eval_common import resolve_model
 
             config = json.loads((resolve_model(args.model) / "config.json").read_text())
             layer = config["num_hidden_layers"] // 2
@@ -310,7 +312,7 @@ def _cli_overlap(args) -> int:
     import json
     import sys
 
-    from vllm_griffin.eval_common import EvalError
+    from vllm_griffin.tools.eval_common import EvalError
 
     try:
         result = overlap_from_exports(Path(args.experts))

@@ -146,7 +146,7 @@ class Server:
     """``vllm serve MODEL --plugin griffin`` on a free loopback port, in its own session."""
 
     def __init__(self, args: argparse.Namespace):
-        from vllm_griffin.models import MODELS, prepare_model
+        from vllm_griffin.tools.models import MODELS, prepare_model
 
         model = str(prepare_model(args.model)) if args.model in MODELS else args.model
         exe = Path(sys.executable).with_name("vllm")
@@ -397,7 +397,7 @@ def _selection_difference(export_dir: Path, first_id: str | None, again_id: str 
     """Whether two runs of one request selected the same experts, and how far apart their
     statistics are (largest difference over each layer's largest value); None without both
     exports (a dense or static-method request selects from no statistic)."""
-    from vllm_griffin.export import read_experts, read_statistic
+    from vllm_griffin.core.export import read_experts, read_statistic
 
     paths = []
     for rid in (first_id, again_id):

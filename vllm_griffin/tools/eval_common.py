@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from vllm_griffin.algorithm import METHODS
+from vllm_griffin.core.algorithm import METHODS
 
 DEFAULT_DATA_NAME = Path("shared") / "data" / "xsum_1shot_dev.jsonl"
 SETTINGS: dict[str, dict[str, float]] = {
@@ -45,7 +45,7 @@ class EvalError(ValueError):
 def default_data_candidates() -> list[Path]:
     """Where ``../shared/data/xsum_1shot_dev.jsonl`` may be: beside the working
     directory's parent, or beside the repository's parent (a clone next to shared/)."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     seen: list[Path] = []
     for base in (Path.cwd().parent, Path.cwd(), repo.parent, repo):
         path = (base / DEFAULT_DATA_NAME).resolve()
@@ -143,7 +143,7 @@ def plan_jobs(rows: list, settings: list[str], methods: list[str], densities: li
 def parse_request_options(text: str | None) -> dict[str, Any]:
     """``--request-options JSON``: extra keys for every non-dense request's ``extra_args["griffin"]``.
 
-    Checked here with the engine's own parser (:func:`vllm_griffin.config.parse_request_options`),
+    Checked here with the engine's own parser (:func:`vllm_griffin.core.config.parse_request_options`),
     so a key the plugin does not know fails before an engine starts, and keys the
     plugin learns later work here without a change."""
     if text is None:
@@ -159,7 +159,7 @@ def parse_request_options(text: str | None) -> dict[str, Any]:
         if key in options:
             raise EvalError(f"--request-options key {key!r} is invalid; allowed: keys other than density and "
                             "method (--methods and --densities set those)")
-    from vllm_griffin.config import GriffinConfigError, parse_request_options as check
+    from vllm_griffin.core.config import GriffinConfigError, parse_request_options as check
 
     try:
         check({"griffin": {**options, "density": 0.5, "method": "topk"}})
@@ -268,7 +268,7 @@ def summarize(samples: list[dict]) -> list[dict]:
 
 
 def resolve_model(name_or_path: str) -> Path:
-    from vllm_griffin.models import MODELS, prepare_model
+    from vllm_griffin.tools.models import MODELS, prepare_model
 
     if name_or_path in MODELS:
         return prepare_model(name_or_path)
@@ -399,7 +399,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser, *, unit: str, max_tokens: in
                         methods: Iterable[str] = DEFAULT_METHODS,
                         densities: Iterable[float] = DEFAULT_DENSITIES) -> None:
     """The options every engine-backed eval command shares (model, rows, cells, engine, outputs)."""
-    from vllm_griffin.models import MODELS
+    from vllm_griffin.tools.models import MODELS
 
     one = unit[:-1]  # "rows" -> "row"
     p.add_argument("--model", required=True, help=f"embedded model name ({', '.join(sorted(MODELS))}) or HF folder")

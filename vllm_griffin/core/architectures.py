@@ -1,6 +1,6 @@
 """Where each supported architecture keeps its feed-forward block.
 
-One row per vLLM architecture name; the same :class:`~vllm_griffin.layers.GriffinMLP`
+One row per vLLM architecture name; the same :class:`~vllm_griffin.engine.layers.GriffinMLP`
 serves them all. Adding a model whose MLP looks like one of these is one line
 here plus its parity test (tests/test_architectures.py).
 """

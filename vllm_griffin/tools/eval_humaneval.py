@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_griffin.eval_common import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, cli_runner,
+from vllm_griffin.tools.eval_common import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, cli_runner,
                                group_cells, load_previous, merge_samples, method_label, parse_list,
                                parse_request_options, plan_jobs, resolve_model, run_info, sampling_params,
                                write_result)
@@ -290,7 +290,7 @@ def run_humaneval(args: argparse.Namespace) -> dict:
 
 
 def write_outputs(result: dict, out: Path, plot: bool = True) -> None:
-    from vllm_griffin.plots import plot_pass_at_1
+    from vllm_griffin.tools.plots import plot_pass_at_1
 
     write_result(result, out, markdown_table(result), plot_pass_at_1 if plot else None)
 

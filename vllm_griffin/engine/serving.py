@@ -26,8 +26,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_griffin.algorithm import METHODS
-from vllm_griffin.config import (CONFIG_KEY, GriffinConfig, GriffinConfigError, RequestOptions, check_density,
+from vllm_griffin.core.algorithm import METHODS
+from vllm_griffin.core.config import (CONFIG_KEY, GriffinConfig, GriffinConfigError, RequestOptions, check_density,
                                  check_method, parse_request_options)
 
 logger = logging.getLogger("vllm.griffin.serving")
@@ -79,7 +79,7 @@ def install_cli_hooks() -> None:
 
 
 def _compat_failure(what: str) -> None:
-    from vllm_griffin.compat import compat_error
+    from vllm_griffin.engine.compat import compat_error
 
     message = (f"{compat_error(what)} The GRIFFIN serve flags {', '.join(_FLAGS)} are unavailable; "
                "switch GRIFFIN on with vLLM's own flag instead: "
@@ -101,7 +101,7 @@ def validate_openai_requests() -> bool:
     import importlib
 
 
-    from vllm_griffin.compat import SERVE_HOOKS
+    from vllm_griffin.engine.compat import SERVE_HOOKS
 
     for module, path in SERVE_HOOKS:  # where vLLM's OpenAI server turns a request into SamplingParams
         name, attr = path.split(".")

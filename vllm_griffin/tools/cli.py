@@ -9,35 +9,35 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:  # the rest is mostly `vllm serve`'s options: serving parses it
-        from vllm_griffin.serve import cli_serve
+        from vllm_griffin.tools.serve import cli_serve
 
         return cli_serve(argv[1:])
     parser = argparse.ArgumentParser(prog="vllm-griffin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare-model", help="build an embedded model's HF folder and print its path")
-    from vllm_griffin.models import MODELS
+    from vllm_griffin.tools.models import MODELS
 
     prep.add_argument("name", choices=sorted(MODELS))
-    from vllm_griffin import bench
+    from vllm_griffin.tools import bench
 
     bench.add_parser(sub)
-    from vllm_griffin import eval as quality_eval
+    from vllm_griffin.tools import eval_xsum as quality_eval
 
     quality_eval.add_parser(sub)
-    from vllm_griffin import plots
+    from vllm_griffin.tools import plots
 
     plots.add_parser(sub)
-    from vllm_griffin import serve
+    from vllm_griffin.tools import serve
 
     serve.add_parser(sub)
-    from vllm_griffin import soak
+    from vllm_griffin.tools import soak
 
     soak.add_parser(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "func"):
         return args.func(args)
     if args.command == "prepare-model":
-        from vllm_griffin.models import cli_prepare_model
+        from vllm_griffin.tools.models import cli_prepare_model
 
         return cli_prepare_model(args.name)
     return 2  # pragma: no cover - argparse rejects unknown commands

@@ -1,7 +1,7 @@
 """``vllm-griffin serve``: vLLM's OpenAI-compatible server with GRIFFIN switched on.
 
 It runs ``vllm serve MODEL --plugin griffin [--griffin-density D] [--griffin-method M]``
-(the flags :mod:`vllm_griffin.serving` adds to vLLM's own command line), by default on
+(the flags :mod:`vllm_griffin.engine.serving` adds to vLLM's own command line), by default on
 the embedded SmolLM2, prepared on first use.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_griffin.algorithm import METHODS
-from vllm_griffin.serving import PLUGIN_NAME, _density_arg, _method_arg
+from vllm_griffin.core.algorithm import METHODS
+from vllm_griffin.engine.serving import PLUGIN_NAME, _density_arg, _method_arg
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from vllm_griffin.models import MODELS
+    from vllm_griffin.tools.models import MODELS
 
     parser = argparse.ArgumentParser(
         prog="vllm-griffin serve", allow_abbrev=False,  # a shortened vLLM flag must reach vLLM
@@ -43,7 +43,7 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def vllm_serve_argv(argv: list[str]) -> list[str]:
     """The ``vllm serve ...`` arguments that ``vllm-griffin serve argv`` runs."""
-    from vllm_griffin.models import MODELS, prepare_model
+    from vllm_griffin.tools.models import MODELS, prepare_model
 
     args, rest = serve_parser().parse_known_args(argv)
     model = args.model

@@ -19,7 +19,7 @@ model, data and rows), so a sweep can be split into runs of a few minutes.
 
 The sweep machinery (cells, per-request options, the engine run in chunks,
 ``--append`` merging, the output files, the common command-line options) lives
-in :mod:`vllm_griffin.eval_common`, shared with ``eval humaneval`` and
+in :mod:`vllm_griffin.tools.eval_common`, shared with ``eval humaneval`` and
 ``eval chat``. This module also registers the ``eval`` command and its tasks.
 """
 
@@ -30,7 +30,7 @@ import json
 import os
 from pathlib import Path
 
-from vllm_griffin.eval_common import (DEFAULT_DATA_NAME, EVAL_METHODS, FULL, SETTINGS, STOP, Engine, add_sweep_arguments,
+from vllm_griffin.tools.eval_common import (DEFAULT_DATA_NAME, EVAL_METHODS, FULL, SETTINGS, STOP, Engine, add_sweep_arguments,
                                       clean_summary, cli_runner, load_previous, load_rows, merge_samples, method_label,
                                       method_order, parse_list, parse_request_options, per_request_seeds_work,
                                       plan_jobs, resolve_data, resolve_model, rouge_scores, run_info, sampling_params,
@@ -125,7 +125,7 @@ def pivot_table(result: dict) -> str:
 
 
 def write_outputs(result: dict, out: Path, plot: bool = True) -> None:
-    from vllm_griffin.plots import plot_rouge_vs_density
+    from vllm_griffin.tools.plots import plot_rouge_vs_density
 
     write_result(result, out, markdown_table(result) + "\n" + pivot_table(result),
                  plot_rouge_vs_density if plot else None)
@@ -152,7 +152,7 @@ def add_parser(sub) -> None:
     x.add_argument("--setting", default="paper,greedy", help="comma list of: " + ", ".join(SETTINGS))
     x.add_argument("--export-experts", default=None, help="also write every request's experts to this folder")
     x.set_defaults(func=_cli_xsum, record_command=True)
-    from vllm_griffin import drift, eval_chat, eval_humaneval
+    from vllm_griffin.tools import drift, eval_chat, eval_humaneval
 
     eval_humaneval.add_parser(tasks)
     eval_chat.add_parser(tasks)

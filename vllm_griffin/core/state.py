@@ -38,8 +38,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from vllm_griffin import algorithm
-from vllm_griffin.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
+from vllm_griffin.core import algorithm
+from vllm_griffin.core.config import GriffinConfig, GriffinConfigError, RequestOptions, parse_request_options
 from vllm_griffin.ops import capture as capture_ops
 from vllm_griffin.ops import dispatch
 
@@ -858,7 +858,7 @@ class GriffinState:
     def export(self, state: RequestState, experts: list[torch.Tensor] | None = None,
                statistic: torch.Tensor | None = None) -> None:
         """Write the request's experts (global indices; default: this rank's table)."""
-        from vllm_griffin.export import write_experts
+        from vllm_griffin.core.export import write_experts
 
         write_experts(self.export_dir, state, experts if experts is not None else self.experts_of(state.req_id),
                       statistic)

@@ -30,7 +30,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_griffin.eval_common import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, agreement_with_dense,
+from vllm_griffin.tools.eval_common import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, agreement_with_dense,
                                cli_runner, group_cells, load_previous, merge_samples, method_label, parse_list,
                                parse_request_options, plan_jobs, resolve_model, run_info, sampling_params,
                                write_result)
@@ -199,7 +199,7 @@ def run_chat(args: argparse.Namespace) -> dict:
 
 
 def write_outputs(result: dict, out: Path, plot: bool = True) -> None:
-    from vllm_griffin.plots import plot_chat
+    from vllm_griffin.tools.plots import plot_chat
 
     write_result(result, out, markdown_table(result), plot_chat if plot else None)
 

@@ -12,7 +12,7 @@ per method and density, how far GRIFFIN drifts from the dense model:
   is averaged per position window, which shows whether it grows with distance.
 
 Runs on the Hugging Face model in float32 (full distributions are needed; vLLM
-returns only top logprobs) with :mod:`vllm_griffin.hf_griffin`, the same
+returns only top logprobs) with :mod:`vllm_griffin.tools.hf_griffin`, the same
 selection code as the engine. Prompts: the start of the XSum articles (the
 article under test in each 1-shot prompt), cut to 16, 32 and 64 tokens.
 """
@@ -52,9 +52,9 @@ def first_divergence(a: list[int], b: list[int]) -> int:
 
 
 def run_drift(args) -> dict:
-    from vllm_griffin import hf_griffin
-    from vllm_griffin.eval_common import load_rows, parse_list, resolve_data, resolve_model
-    from vllm_griffin.algorithm import METHODS
+    from vllm_griffin.tools import hf_griffin
+    from vllm_griffin.tools.eval_common import load_rows, parse_list, resolve_data, resolve_model
+    from vllm_griffin.core.algorithm import METHODS
 
     torch.manual_seed(0)
     if args.threads:
@@ -106,7 +106,7 @@ def run_drift(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown_table(result))
-    from vllm_griffin.plots import plot_drift
+    from vllm_griffin.tools.plots import plot_drift
 
     plot_drift(result, out.with_suffix(".png"))
     print(markdown_table(result))
@@ -142,7 +142,7 @@ def add_parser(tasks) -> None:
 
 
 def _cli_drift(args: argparse.Namespace) -> int:
-    from vllm_griffin.eval_common import EvalError
+    from vllm_griffin.tools.eval_common import EvalError
 
     try:
         run_drift(args)

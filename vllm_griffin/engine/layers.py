@@ -25,9 +25,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from vllm_griffin import algorithm, graph_decode, ops
-from vllm_griffin.architectures import ArchSpec
-from vllm_griffin.state import GriffinState, StepPlan
+from vllm_griffin.core import algorithm
+
+from vllm_griffin.engine import graph_decode
+
+from vllm_griffin import ops
+from vllm_griffin.core.architectures import ArchSpec
+from vllm_griffin.core.state import GriffinState, StepPlan
 
 _LAYERS: dict[str, "GriffinMLP"] = {}
 _ACTIVE_PLAN: StepPlan | None = None

@@ -50,8 +50,8 @@ DENSE = ("full", 1.0)  # a cell: (method label, density); density 1.0 is vLLM's 
 def parse_method(label: str) -> tuple[str, dict]:
     """``--methods`` entries: a method name, optionally ``+refreshN`` (e.g. ``topk+refresh4``):
     (method, extra request options)."""
-    from vllm_griffin.algorithm import METHODS
-    from vllm_griffin.config import GriffinConfigError, check_refresh
+    from vllm_griffin.core.algorithm import METHODS
+    from vllm_griffin.core.config import GriffinConfigError, check_refresh
 
     method, _, option = label.partition("+")
     if method not in METHODS:
@@ -71,7 +71,7 @@ def random_llama_dir(intermediate: int) -> Path:
     """Config-only folder of the 1B Llama shape; vLLM fills it with random weights."""
     import transformers
 
-    from vllm_griffin.models import griffin_home
+    from vllm_griffin.tools.models import griffin_home
 
     path = griffin_home() / "bench" / f"llama-1b-ff{intermediate}"
     if not (path / "config.json").exists():
@@ -88,7 +88,7 @@ def model_source(name: str) -> tuple[Path, dict]:
     source, intermediate = MODELS[name]
     if source == "llama-1b":
         return random_llama_dir(intermediate), {"load_format": "dummy"}
-    from vllm_griffin.models import prepare_model
+    from vllm_griffin.tools.models import prepare_model
 
     return prepare_model(source), {}
 
@@ -99,11 +99,11 @@ def real_prompts(model_dir: Path, source: str, count: int, data: str | None) -> 
     from transformers import AutoTokenizer
 
     if source == "xsum":
-        from vllm_griffin.eval_common import load_rows, resolve_data
+        from vllm_griffin.tools.eval_common import load_rows, resolve_data
 
         texts = [row["article"] for row in load_rows(resolve_data(data), limit=count)]
     else:
-        from vllm_griffin.eval_humaneval import load_problems
+        from vllm_griffin.tools.eval_humaneval import load_problems
 
         texts = [p["prompt"] for p in load_problems(limit=count)]
     if len(texts) < count:
@@ -116,7 +116,7 @@ def union_fraction(export_dir: Path, request_ids: list[str], width: int) -> floa
     """Mean over layers of |union of the batch's experts| / D."""
     import torch
 
-    from vllm_griffin.export import read_experts
+    from vllm_griffin.core.export import read_experts
 
     per_request = [read_experts(export_dir / f"{rid}.safetensors")[0] for rid in request_ids]
     fractions = []

@@ -3,7 +3,7 @@
 The quality tools that need full next-token distributions or per-token
 activations (drift study, flocking heatmap) use this: the engine returns only
 top logprobs, and running a study here keeps it off the one-engine-at-a-time
-lock. Selection itself is :mod:`vllm_griffin.algorithm`, the same code the
+lock. Selection itself is :mod:`vllm_griffin.core.algorithm`, the same code the
 engine calls, so every method means the same thing on both sides.
 """
 
@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from vllm_griffin import algorithm
+from vllm_griffin.core import algorithm
 
 
 @dataclass

@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_griffin.state import StepRow
+from vllm_griffin.core.state import StepRow
 
 logger = logging.getLogger("vllm.griffin.runner_v2")
 
@@ -48,7 +48,7 @@ class GriffinModelStateMixin:
         self._griffin_plan = None
         compilation = vllm_config.compilation_config
         if not vllm_config.model_config.enforce_eager and compilation.cudagraph_mode.has_full_cudagraphs():
-            from vllm_griffin.graph_decode import GraphDecode
+            from vllm_griffin.engine.graph_decode import GraphDecode
 
             self.griffin.graph = GraphDecode(self.griffin, max_rows=compilation.max_cudagraph_capture_size)
 
@@ -66,7 +66,7 @@ class GriffinModelStateMixin:
         self.griffin.release(req_id)
 
     def prepare_inputs(self, input_batch, req_states) -> dict[str, Any]:
-        from vllm_griffin.layers import set_active_plan
+        from vllm_griffin.engine.layers import set_active_plan
 
         self._griffin_finish()  # a step whose postprocess never came (no sampling)
         if not all(req_id in self.griffin_requests for req_id in input_batch.req_ids[: input_batch.num_reqs]):
@@ -86,7 +86,7 @@ class GriffinModelStateMixin:
     def _griffin_finish(self) -> None:
         plan, self._griffin_plan = self._griffin_plan, None
         if plan is not None:
-            from vllm_griffin.layers import set_active_plan
+            from vllm_griffin.engine.layers import set_active_plan
 
             set_active_plan(None)
             self.griffin.finish_step(plan)
