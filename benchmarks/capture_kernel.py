@@ -15,8 +15,8 @@ import argparse
 import json
 
 import torch
-
 from cpu_kernels import bench  # this folder (run as a script)
+
 from vllm_griffin.ops.cpu_kernel import capture_cpu, load
 from vllm_griffin.ops.reference import capture_reference
 

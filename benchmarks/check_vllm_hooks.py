@@ -346,7 +346,8 @@ def fingerprint(found: Found) -> str:
 
 
 # -- the check --------------------------------------------------------------------------
-def check(path: str | Path, hooks=ALL_HOOKS, fingerprints=HOOK_FINGERPRINTS) -> tuple[list[tuple[str, str, str]], list[str]]:
+def check(path: str | Path, hooks=ALL_HOOKS,
+          fingerprints=HOOK_FINGERPRINTS) -> tuple[list[tuple[str, str, str]], list[str]]:
     """[(status, "module:path", detail)] per hook, and errors reading the source."""
     resolver = Resolver(Source(path))
     rows = []

@@ -206,7 +206,8 @@ def per_row_section(results, ew, w_gu, w_dt, w_d, gen, L, dev, dt, H, D):
         counts = torch.tensor([int(D * d) for d in (0.5, 0.25, 0.75, 0.1, 0.5, 0.9, 0.3, 0.6)[:rows]], device=dev)
         kmax = int(counts.max())
         experts = torch.stack([torch.randperm(D, device=dev, generator=gen)[:kmax].sort().values for _ in range(rows)])
-        want = experts_mlp_gather(x.float(), ExpertWeights.separate(w_gu[0].float(), w_dt[0].float()), experts, counts, silu_and_mul)
+        want = experts_mlp_gather(x.float(), ExpertWeights.separate(w_gu[0].float(), w_dt[0].float()), experts, counts,
+                                  silu_and_mul)
         got = experts_mlp_triton(x, ew[0], experts, counts, "silu").float()
         rel = ((got - want).abs().max() / want.abs().max()).item()
         results["checks"].append({"rows": rows, "max_rel_err": rel})

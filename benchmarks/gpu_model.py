@@ -515,7 +515,8 @@ def bench_batch(model: Llama, twin: Llama, batch: int, args, row_options: dict) 
 
     runners, graph_ok, errors = {}, {}, {}
     for name, (m, mlp, _, _) in configs.items():
-        step = (lambda m=m, mlp=mlp: b.decode(m, mlp))
+        def step(m=m, mlp=mlp):
+            return b.decode(m, mlp)
         try:
             if args.graphs:
                 eager = step().clone()

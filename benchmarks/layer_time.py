@@ -30,8 +30,8 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm_griffin.tools import bench
     from vllm_griffin.engine import layers
+    from vllm_griffin.tools import bench
 
     calls: dict[str, list[float]] = {}
     run = layers.GriffinMLP.run

@@ -44,7 +44,8 @@ def table() -> None:
     print("| model | block size | host memory for the statistic, per GiB of KV cache | KV capacity lost |")
     print("|---|---|---|---|")
     for name, shape in SHAPES.items():
-        for block_size, kv_bytes, label in ((16, 2, "16 (GPU default), bf16 KV"), (128, 2, "128 (CPU default), bf16 KV")):
+        for block_size, kv_bytes, label in ((16, 2, "16 (GPU default), bf16 KV"),
+                                            (128, 2, "128 (CPU default), bf16 KV")):
             ratio = overhead(*shape, block_size, kv_bytes)
             print(f"| {name} | {label} | {ratio:.2f} GiB | 0 % |")
 

@@ -42,7 +42,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_griffin.core import algorithm
-
 from vllm_griffin.tools import hf_griffin  # noqa: E402
 from vllm_griffin.tools.models import prepare_model  # noqa: E402
 

@@ -158,7 +158,6 @@ SCRIPT = REPO / "benchmarks" / "check_vllm_hooks.py"
 @pytest.fixture(scope="module")
 def hook_script():
     import importlib.util
-
     import sys
 
     spec = importlib.util.spec_from_file_location("check_vllm_hooks", SCRIPT)

@@ -30,8 +30,15 @@ from hypothesis import strategies as st
 
 from vllm_griffin.core.algorithm import METHODS
 from vllm_griffin.core.config import (
-    ENGINE_KEYS, MAX_REFRESH, REQUEST_KEYS, TP_SELECTIONS, GriffinConfig, GriffinConfigError, RequestOptions,
-    parse_request_options)
+    ENGINE_KEYS,
+    MAX_REFRESH,
+    REQUEST_KEYS,
+    TP_SELECTIONS,
+    GriffinConfig,
+    GriffinConfigError,
+    RequestOptions,
+    parse_request_options,
+)
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -203,7 +203,6 @@ def test_abort_mid_batch_leaves_others_unchanged(griffin):
 ])
 def test_bad_request_values_rejected_before_running(griffin, extra_args, field):
     from vllm import SamplingParams
-
     from vllm.exceptions import VLLMValidationError
 
     bad = SamplingParams(max_tokens=4, temperature=0.0, detokenize=False, extra_args=extra_args)

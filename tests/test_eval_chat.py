@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_engine_command
-from vllm_griffin.tools import eval_common as quality_eval
 from vllm_griffin.tools import eval_chat as chat
+from vllm_griffin.tools import eval_common as quality_eval
 from vllm_griffin.tools.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

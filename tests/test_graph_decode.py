@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from vllm_griffin.core.config import GriffinConfig
+from vllm_griffin.core.state import GriffinState, StepRow
 from vllm_griffin.engine.graph_decode import GraphDecode
 from vllm_griffin.ops import ExpertWeights, experts_mlp_gather, masked_activation_fn
-from vllm_griffin.core.state import GriffinState, StepRow
 
 LAYERS, HIDDEN, WIDTH = 3, 16, 40
 

@@ -20,9 +20,13 @@ import torch
 
 from vllm_griffin.core import algorithm
 from vllm_griffin.core.config import GriffinConfig
-from vllm_griffin.engine.runner_v2 import (GriffinModelStateMixin, GriffinRunnerV2Mixin, griffin_model_state_cls,
-                                    keep_prompts_off_full_graphs)
 from vllm_griffin.core.state import GriffinState
+from vllm_griffin.engine.runner_v2 import (
+    GriffinModelStateMixin,
+    GriffinRunnerV2Mixin,
+    griffin_model_state_cls,
+    keep_prompts_off_full_graphs,
+)
 
 v2_input_batch = pytest.importorskip("vllm.v1.worker.gpu.input_batch")
 from vllm.sampling_params import SamplingParams  # noqa: E402

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import engine_lock
 
 ROOT = Path(__file__).resolve().parents[1]

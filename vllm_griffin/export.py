@@ -1,4 +1,3 @@
 """Public import path kept: expert files live in :mod:`vllm_griffin.core.export`."""
 
-from vllm_griffin.core.export import (EXPORT_DIR_ENV, external_request_id, read_experts,  # noqa: F401
-                                      read_statistic, write_experts)
+from vllm_griffin.core.export import EXPORT_DIR_ENV, external_request_id, read_experts, read_statistic, write_experts  # noqa: F401

@@ -5,8 +5,9 @@ same checks run in the API server, the engine core and the tests."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from vllm_griffin.core.algorithm import METHODS
 

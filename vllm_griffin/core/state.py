@@ -32,8 +32,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -689,7 +690,7 @@ class GriffinState:
         out = {}
         for state in finishing:
             per_layer = []
-            for layer, idx in enumerate(chosen[state.req_id]):
+            for idx in chosen[state.req_id]:
                 everyone = self.tp.all_gather((idx + self.neuron_offset).unsqueeze(0))[0]
                 per_layer.append(everyone.sort().values)
             out[state.req_id] = per_layer
@@ -889,7 +890,7 @@ class _Captures:
         self.blocks: list[int] = []     # block-statistic row, or -1
         self.zero_rows: list[int] = []  # blocks filled from their first token: start from zero
 
-    def add(self, state_tbl: "GriffinState", row: StepRow, state: RequestState, first_dense: int,
+    def add(self, state_tbl: GriffinState, row: StepRow, state: RequestState, first_dense: int,
             start: int, prompt_end: int, acc_from: int, acc: int | None) -> None:
         """Prompt tokens ``start..prompt_end`` of ``row`` sit at dense positions from
         ``first_dense``; those from ``acc_from`` count for the request's statistic."""
@@ -919,7 +920,7 @@ class _Captures:
         self.slots.append(slot)
         self.blocks.append(-1)
 
-    def fill(self, plan: StepPlan, state_tbl: "GriffinState", to) -> None:
+    def fill(self, plan: StepPlan, state_tbl: GriffinState, to) -> None:
         if not self.pos:
             return
         plan.capture_pos, plan.capture_slots = to(self.pos), to(self.slots)

@@ -24,8 +24,8 @@ import logging
 import os
 
 from vllm_griffin.core.architectures import spec_for
-from vllm_griffin.engine.compat import compat_error
 from vllm_griffin.core.config import GriffinConfig
+from vllm_griffin.engine.compat import compat_error
 
 logger = logging.getLogger("vllm.griffin")
 
@@ -355,12 +355,12 @@ class _GriffinWorkerMixin:
         }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _subclass(base: type, mixin: type, extensions: tuple[type, ...] = ()) -> type:
     return type(f"Griffin{base.__name__}", (mixin, base, *extensions), {})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def griffin_model_class(base: type, spec) -> type:
     """``base`` (e.g. vLLM's LlamaForCausalLM) whose MLPs become GriffinMLPs at construction."""
 
@@ -421,8 +421,12 @@ class GriffinRunnerMixin:
 
 def _tensor_parallel(cfg):
     """This worker's TP rank and collectives for GRIFFIN, or None on a single device."""
-    from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
-                                  tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce)
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_gather,
+        tensor_model_parallel_all_reduce,
+    )
 
     from vllm_griffin.core.state import TensorParallel
 
@@ -439,8 +443,8 @@ def _install_on_model(model, spec, cfg, vllm_config):
     from vllm.distributed import get_tensor_model_parallel_rank
 
     from vllm_griffin.core.export import export_dir_from_env
-    from vllm_griffin.engine.layers import install
     from vllm_griffin.core.state import GriffinState
+    from vllm_griffin.engine.layers import install
 
     def make_state(num_layers, width, device):
         return GriffinState(

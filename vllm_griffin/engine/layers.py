@@ -18,22 +18,20 @@ opaque call per layer and the per-step Python logic runs eagerly inside it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import reduce
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from vllm_griffin.core import algorithm
-
-from vllm_griffin.engine import graph_decode
-
 from vllm_griffin import ops
+from vllm_griffin.core import algorithm
 from vllm_griffin.core.architectures import ArchSpec
 from vllm_griffin.core.state import GriffinState, StepPlan
+from vllm_griffin.engine import graph_decode
 
-_LAYERS: dict[str, "GriffinMLP"] = {}
+_LAYERS: dict[str, GriffinMLP] = {}
 _ACTIVE_PLAN: StepPlan | None = None
 _OP_REGISTERED = False
 
@@ -88,7 +86,8 @@ class GriffinMLP(nn.Module):
         # oneDNN and drops the plain ones, so this is the only plain copy).
         self.expert_weights: ops.ExpertWeights | None = None
         self._kernel_ok: bool | None = None  # whether an expert kernel runs them (asked once)
-        self._masked_fns: dict[tuple[torch.dtype, bool], object] = {}  # the masked path's activation, per (dtype, gated)
+        # The masked path's activation, per (dtype, gated).
+        self._masked_fns: dict[tuple[torch.dtype, bool], object] = {}
         self._gate_up_loaded: tuple[torch.Tensor, torch.Tensor | None] | None = None
         _on_weights_processed(gate_up, self._keep_gate_up)
         _on_weights_processed(down, self._keep_down)

@@ -35,7 +35,8 @@ Exported (``_total``/``_sum``/``_count``/``_bucket`` suffixes as Prometheus adds
 
 Limits: with ``--api-server-count > 1`` vLLM serves /metrics from Prometheus'
 multiprocess files, which this collector does not write, so nothing of GRIFFIN's
-is exported there (serving.warn_api_server_count says so once at start-up); with data parallelism the worker figures are engine 0's.
+is exported there (serving.warn_api_server_count says so once at start-up); with data
+parallelism the worker figures are engine 0's.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def install_frontend_hooks(vllm_config) -> None:
     if original is None:
         from vllm_griffin.engine.compat import compat_error
 
-        logger.warning("%s GRIFFIN's worker metrics are not on /metrics.", compat_error(f"{_API_ENTRY_MODULE}.build_app"))
+        logger.warning("%s GRIFFIN's worker metrics are not on /metrics.",
+                       compat_error(f"{_API_ENTRY_MODULE}.build_app"))
         return
     if getattr(original, "_griffin_wrapped", False):
         return

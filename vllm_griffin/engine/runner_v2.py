@@ -109,7 +109,7 @@ def step_rows_v2(input_batch, requests: dict[str, _Request]) -> list[StepRow]:
     return rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def griffin_model_state_cls(base: type) -> type:
     """vLLM's ModelState class ``base`` with GRIFFIN's hooks."""
     return type(f"Griffin{base.__name__}", (GriffinModelStateMixin, base), {"__module__": __name__})

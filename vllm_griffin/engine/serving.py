@@ -27,8 +27,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm_griffin.core.algorithm import METHODS
-from vllm_griffin.core.config import (CONFIG_KEY, GriffinConfig, GriffinConfigError, RequestOptions, check_density,
-                                 check_method, parse_request_options)
+from vllm_griffin.core.config import (
+    CONFIG_KEY,
+    GriffinConfig,
+    GriffinConfigError,
+    RequestOptions,
+    check_density,
+    check_method,
+    parse_request_options,
+)
 
 logger = logging.getLogger("vllm.griffin.serving")
 
@@ -99,7 +106,6 @@ def validate_openai_requests() -> bool:
     is after its 200 header: the error would come as an event inside the stream.) Returns
     whether the hooks are in place; if vLLM moved them, one warning and the later check stays."""
     import importlib
-
 
     from vllm_griffin.engine.compat import SERVE_HOOKS
 

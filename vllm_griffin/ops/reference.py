@@ -17,7 +17,7 @@ Both functions give the same numbers up to float summation order.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -51,7 +51,7 @@ class ExpertWeights:
 
     @classmethod
     def interleaved(cls, w_gate_up: torch.Tensor, w_down: torch.Tensor, b_gate_up: torch.Tensor | None = None,
-                    b_down: torch.Tensor | None = None) -> "ExpertWeights":
+                    b_down: torch.Tensor | None = None) -> ExpertWeights:
         """From vLLM's [2D, H] gate_up and [H, D] down weights into one [D, 3, H] block:
         a neuron's three rows are adjacent, so gathering experts reads one stream."""
         width = w_down.shape[1]
@@ -63,13 +63,13 @@ class ExpertWeights:
 
     @classmethod
     def separate(cls, w_gate_up: torch.Tensor, w_down_t: torch.Tensor, b_gate_up: torch.Tensor | None = None,
-                 b_down: torch.Tensor | None = None) -> "ExpertWeights":
+                 b_down: torch.Tensor | None = None) -> ExpertWeights:
         width = w_down_t.shape[0]
         return cls(w_gate_up[:width], w_gate_up[width:], w_down_t, **_gated_biases(width, b_gate_up, b_down))
 
     @classmethod
     def ungated(cls, w_fc1: torch.Tensor, w_fc2: torch.Tensor, fc1_bias: torch.Tensor | None,
-                fc2_bias: torch.Tensor | None) -> "ExpertWeights":
+                fc2_bias: torch.Tensor | None) -> ExpertWeights:
         """A plain MLP, act(fc1 x + b1) -> fc2: one [D, 2, H] block (fc1 row, fc2 column)."""
         block = torch.empty(w_fc1.shape[0], 2, w_fc1.shape[1], dtype=w_fc1.dtype, device=w_fc1.device)
         block[:, 0].copy_(w_fc1)

@@ -157,7 +157,8 @@ class Runner:
         if self.real_prompts is not None:  # the first `batch` rows, at their own lengths
             return [TokensPrompt(prompt_token_ids=ids) for ids in self.real_prompts[:batch]]
         gen = torch.Generator().manual_seed(batch)
-        return [TokensPrompt(prompt_token_ids=torch.randint(100, 40000, (self.args.prompt_len,), generator=gen).tolist())
+        return [TokensPrompt(prompt_token_ids=torch.randint(100, 40000, (self.args.prompt_len,),
+                                                            generator=gen).tolist())
                 for _ in range(batch)]
 
     def params(self, cell: tuple[str, float], max_tokens: int):
@@ -354,7 +355,8 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| model | prompts | batch | method | density | dense tok/s | GRIFFIN tok/s | GRIFFIN/dense | ceiling/dense | "
+    lines = ["| model | prompts | batch | method | density | dense tok/s | GRIFFIN tok/s | GRIFFIN/dense | "
+             "ceiling/dense | "
              "of ceiling | prefill overhead | capture + selection | union fraction |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:

@@ -52,9 +52,9 @@ def first_divergence(a: list[int], b: list[int]) -> int:
 
 
 def run_drift(args) -> dict:
+    from vllm_griffin.core.algorithm import METHODS
     from vllm_griffin.tools import hf_griffin
     from vllm_griffin.tools.eval_common import load_rows, parse_list, resolve_data, resolve_model
-    from vllm_griffin.core.algorithm import METHODS
 
     torch.manual_seed(0)
     if args.threads:
@@ -89,7 +89,8 @@ def run_drift(args) -> dict:
     summary = []
     for method, density in cells:
         for n in lengths + ["all"]:
-            rs = [r for r in records if r["method"] == method and r["density"] == density and (n == "all" or r["prompt_len"] == n)]
+            rs = [r for r in records if r["method"] == method and r["density"] == density
+                  and (n == "all" or r["prompt_len"] == n)]
             if not rs:
                 continue
             windows = list(zip(*[r["kl_windows"] for r in rs]))

@@ -30,10 +30,26 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_griffin.tools.eval_common import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, agreement_with_dense,
-                               cli_runner, group_cells, load_previous, merge_samples, method_label, parse_list,
-                               parse_request_options, plan_jobs, resolve_model, run_info, sampling_params,
-                               write_result)
+from vllm_griffin.tools.eval_common import (
+    EVAL_METHODS,
+    FULL,
+    Engine,
+    EvalError,
+    add_sweep_arguments,
+    agreement_with_dense,
+    cli_runner,
+    group_cells,
+    load_previous,
+    merge_samples,
+    method_label,
+    parse_list,
+    parse_request_options,
+    plan_jobs,
+    resolve_model,
+    run_info,
+    sampling_params,
+    write_result,
+)
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "chat_prompts.jsonl"
 SPLITS = {"tune": (0, 24), "heldout": (24, 48), "all": (0, 48)}  # [first, end) prompt ids

@@ -16,9 +16,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from vllm_griffin.core.algorithm import METHODS
 
@@ -58,7 +59,8 @@ def resolve_data(path: str | os.PathLike | None) -> Path:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise EvalError(f"--data {str(path)!r} is not a file; give a JSONL with 'article' and 'summary_gt' per line")
+            raise EvalError(f"--data {str(path)!r} is not a file; give a JSONL with 'article' and 'summary_gt' "
+                            "per line")
         return path
     candidates = default_data_candidates()
     for candidate in candidates:
@@ -159,7 +161,8 @@ def parse_request_options(text: str | None) -> dict[str, Any]:
         if key in options:
             raise EvalError(f"--request-options key {key!r} is invalid; allowed: keys other than density and "
                             "method (--methods and --densities set those)")
-    from vllm_griffin.core.config import GriffinConfigError, parse_request_options as check
+    from vllm_griffin.core.config import GriffinConfigError
+    from vllm_griffin.core.config import parse_request_options as check
 
     try:
         check({"griffin": {**options, "density": 0.5, "method": "topk"}})
@@ -229,7 +232,7 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict[str
     try:
         from rouge_score import rouge_scorer
     except ImportError:  # pragma: no cover - depends on the install
-        raise SystemExit("rouge-score is not installed: pip install 'vllm-griffin[eval]' (or `make setup`)")
+        raise SystemExit("rouge-score is not installed: pip install 'vllm-griffin[eval]' (or `make setup`)") from None
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
     return [{k: 100.0 * v.fmeasure for k, v in scorer.score(ref, pred).items()}
             for pred, ref in zip(predictions, references)]

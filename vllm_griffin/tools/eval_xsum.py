@@ -30,11 +30,34 @@ import json
 import os
 from pathlib import Path
 
-from vllm_griffin.tools.eval_common import (DEFAULT_DATA_NAME, EVAL_METHODS, FULL, SETTINGS, STOP, Engine, add_sweep_arguments,
-                                      clean_summary, cli_runner, load_previous, load_rows, merge_samples, method_label,
-                                      method_order, parse_list, parse_request_options, per_request_seeds_work,
-                                      plan_jobs, resolve_data, resolve_model, rouge_scores, run_info, sampling_params,
-                                      summarize, write_result)
+from vllm_griffin.tools.eval_common import (
+    DEFAULT_DATA_NAME,
+    EVAL_METHODS,
+    FULL,
+    SETTINGS,
+    STOP,
+    Engine,
+    add_sweep_arguments,
+    clean_summary,
+    cli_runner,
+    load_previous,
+    load_rows,
+    merge_samples,
+    method_label,
+    method_order,
+    parse_list,
+    parse_request_options,
+    per_request_seeds_work,
+    plan_jobs,
+    resolve_data,
+    resolve_model,
+    rouge_scores,
+    run_info,
+    sampling_params,
+    summarize,
+    write_result,
+)
+
 
 def run_xsum(args: argparse.Namespace) -> dict:
     settings = parse_list(args.setting, "setting", SETTINGS)

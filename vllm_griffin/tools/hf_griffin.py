@@ -10,9 +10,9 @@ engine calls, so every method means the same thing on both sides.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -60,7 +60,8 @@ def prefill(model, ids: list[int]):
     return out, [captured[i] for i in range(len(captured))]
 
 
-def select(acts: list[torch.Tensor], density: float, method: str, weights: LayerWeights, seed: int = 0) -> list[torch.Tensor]:
+def select(acts: list[torch.Tensor], density: float, method: str, weights: LayerWeights,
+           seed: int = 0) -> list[torch.Tensor]:
     """Every layer's experts for one prompt, as the engine would pick them."""
     width = acts[0].shape[-1]
     stats = torch.stack([algorithm.prompt_contributions(z).sum(0) for z in acts])

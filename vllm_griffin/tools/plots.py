@@ -122,7 +122,6 @@ def flocking_data(model_name: str, text: str, layer: int, max_tokens: int = 256)
     import torch
 
     from vllm_griffin.core import algorithm
-
     from vllm_griffin.tools import hf_griffin
     from vllm_griffin.tools.eval_common import EvalError, resolve_model
 
@@ -184,8 +183,8 @@ def overlap_from_exports(directory: Path) -> dict:
 
     import torch
 
-    from vllm_griffin.tools.eval_common import EvalError
     from vllm_griffin.core.export import read_experts
+    from vllm_griffin.tools.eval_common import EvalError
 
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:

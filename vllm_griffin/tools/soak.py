@@ -154,7 +154,8 @@ class Server:
         self.command = [str(exe) if exe.exists() else "vllm", "serve", model, *plugin,
                         "--served-model-name", "soak", "--dtype", "float32", "--enforce-eager", "--seed", "0",
                         "--block-size", "32", "--num-gpu-blocks-override", str(args.kv_blocks),
-                        "--max-model-len", str(32 * (args.kv_blocks - 1)), "--max-num-seqs", "64", "--disable-uvicorn-access-log",
+                        "--max-model-len", str(32 * (args.kv_blocks - 1)), "--max-num-seqs", "64",
+                        "--disable-uvicorn-access-log",
                         *args.server_arg]
         self.log_path = Path(tempfile.gettempdir()) / f"vllm-griffin-soak-{os.getpid()}.log"
         # Every request's experts and statistic (VLLM_GRIFFIN_EXPORT_DIR): where a greedy answer
@@ -162,7 +163,7 @@ class Server:
         self.export_dir = None if args.without_griffin else Path(tempfile.mkdtemp(prefix="vllm-griffin-soak-experts-"))
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 600.0) -> "Server":
+    def start(self, timeout: float = 600.0) -> Server:
         import httpx
 
         with socket.socket() as s:
@@ -366,7 +367,8 @@ async def _soak(args: argparse.Namespace, server: Server) -> dict:
             print(f"soak: {s.seconds:7.1f} s  rss {s.rss_mib:8.1f} MiB  slots {s.slots_in_use:3.0f}  "
                   f"accumulators {s.accumulators_in_use:3.0f}  live {s.running + s.waiting:3.0f}  "
                   f"{s.tokens_per_s:6.1f} tok/s  preemptions {s.preemptions:.0f}  ok {tally.ok} "
-                  f"aborted {tally.aborted} rejected {tally.rejected_as_intended + tally.rejected_in_stream} errors {len(tally.errors)}", flush=True)
+                  f"aborted {tally.aborted} rejected {tally.rejected_as_intended + tally.rejected_in_stream} "
+                  f"errors {len(tally.errors)}", flush=True)
             # The worker hears of finishes and aborts a step after the front end: one sample
             # over may be that lag, two in a row are not.
             over = s.slots_in_use > s.running + s.waiting
@@ -435,7 +437,7 @@ async def _check_alone(client, tally: Tally, count: int, rng: random.Random, gri
         rerun = {**req, "abort": False}
         again = await _send(client, rerun)
         first, parted = req["tokens"], None
-        for i, ((a, ma), (b, mb)) in enumerate(zip(first, again)):
+        for i, ((a, _), (b, _)) in enumerate(zip(first, again)):
             if a != b:
                 parted = i
                 break
@@ -486,9 +488,11 @@ def _verdict(args, tally: Tally, samples: list[Sample], idle: dict, alone: list[
         baseline = _baseline_growth(getattr(args, "rss_baseline", None))
         if growth > args.rss_growth + baseline:
             findings.append(f"RSS grew {100 * growth:.1f} % over the second half (allowed "
-                            f"{100 * args.rss_growth:.0f} %" + (f" + plain vLLM's {100 * baseline:.1f} %" if baseline else "")
+                            f"{100 * args.rss_growth:.0f} %"
+                            + (f" + plain vLLM's {100 * baseline:.1f} %" if baseline else "")
                             + ")")
-    changed = [a for a in alone if not a["same"] and not a.get("selection_near_tie") and not a.get("gated_token_choice")]
+    changed = [a for a in alone
+               if not a["same"] and not a.get("selection_near_tie") and not a.get("gated_token_choice")]
     if changed:
         findings.append(f"{len(changed)} of {len(alone)} greedy requests answered differently alone: {changed}")
     if tally.ok == 0:
@@ -526,7 +530,8 @@ def _print(report: dict) -> None:
     r = report["requests"]
     print(f"\nsoak {'PASSED' if report['passed'] else 'FAILED'}: {r['completed']} completed, "
           f"{r['aborted_mid_stream']} closed mid-stream, {r['rejected_400_as_intended']} bad requests rejected "
-          f"with 400 and {r['rejected_in_stream_as_intended']} bad streams with an error event, {r['errors']} errors; {report['preemptions']:.0f} preemptions; RSS "
+          f"with 400 and {r['rejected_in_stream_as_intended']} bad streams with an error event, {r['errors']} errors; "
+          f"{report['preemptions']:.0f} preemptions; RSS "
           f"{report['rss_mib']['first']} -> {report['rss_mib']['last']} MiB (second half "
           f"{100 * report['rss_mib']['second_half_growth']:+.1f} %); {report['mean_tokens_per_s']} tok/s; "
           f"{sum(a['same'] for a in report['alone_checks'])}/{len(report['alone_checks'])} greedy answers the same "
