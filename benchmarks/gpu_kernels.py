@@ -28,7 +28,7 @@ from vllm_griffin.ops.triton_experts import experts_mlp_triton, experts_mlp_trit
 
 UNION_ROWS = (1, 2, 4, 8, 16, 32, 64)
 # Each row draws its k experts from one shared pool of OVERLAP_POOL * k neurons: two rows'
-# mean Jaccard is then ~0.7, near the 0.68 measured on SmolLM2 at d = 0.5 (README, issue 4).
+# mean Jaccard is then ~0.7, near the 0.68 measured on SmolLM2 at d = 0.5 (docs/quality.md, "Expert overlap").
 OVERLAP_POOL = 1.2
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The runs behind README's "Quality" section, in pieces of a few minutes each on a
+# The runs behind docs/quality.md, in pieces of a few minutes each on a
 # 2-core CPU (one vLLM engine per piece; --append merges the pieces of a model into
-# one JSON). Wall times measured here are in the README.
+# one JSON). Wall times measured here are in docs/quality.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind README's quality headline and docs on selection at density 0.5:
+# The runs behind the README's quality headline and docs/quality.md on selection at density 0.5:
 # HumanEval (Qwen2.5-Coder-0.5B, tuning split = problems 0-81, held out = 82-163),
 # XSum rows 40-199 (SmolLM2, Gemma-3) and `eval chat` (all three embedded models).
 # Each piece is a few engines, one at a time; run pieces on separate cores with CORE=0 / CORE=1, e.g.

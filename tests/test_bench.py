@@ -1,4 +1,4 @@
-"""`vllm-griffin bench` runs end to end (the README's performance command, shrunk):
+"""`vllm-griffin bench` runs end to end (the performance command of docs/speed.md, shrunk):
 one SmolLM2 engine on HumanEval prompts at their own lengths, batch sizes 1 and 3,
 density 0.5, a few tokens. Figures on a
 shared 2-core CPU are noise at this size, so only their presence and consistency

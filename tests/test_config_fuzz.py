@@ -1,5 +1,5 @@
 """Fuzzed GRIFFIN options (issue 16, item 4): every way options reach GRIFFIN either
-accepts a value with its documented meaning (README, "Engine configuration" and
+accepts a value with its documented meaning (docs/usage.md, "Engine configuration" and
 "Per-request options") or rejects it with :class:`GriffinConfigError` naming the field
 and what is allowed; never another exception, never a value outside the documented range.
 
@@ -105,7 +105,7 @@ def is_number(value: Any) -> bool:
 
 
 def want_density(value: Any) -> Any:
-    """README: 0 < d <= 1 (a number; not a bool)."""
+    """docs/usage.md: 0 < d <= 1 (a number; not a bool)."""
     if not is_number(value):
         return REJECT
     if isinstance(value, float) and not math.isfinite(value):
@@ -114,7 +114,7 @@ def want_density(value: Any) -> Any:
 
 
 def want_refresh(value: Any) -> Any:
-    """README: integer 0 <= R <= 1000000 (JSON numbers such as 8.0 count as integers)."""
+    """docs/usage.md: integer 0 <= R <= 1000000 (JSON numbers such as 8.0 count as integers)."""
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
         value = int(value)
     if not is_number(value) or not isinstance(value, int) or not 0 <= value <= MAX_REFRESH:

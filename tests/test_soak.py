@@ -1,7 +1,7 @@
 """`vllm-griffin soak` for 60 s: a real server under mixed traffic (streams closed mid-way,
 bad options, KV pressure) gives every slot and accumulator back, answers greedy requests
 as it would alone, and rejects exactly the bad requests. The 10-minute run's figures are
-in the README (same command, `--minutes 10`)."""
+in docs/serving.md (same command, `--minutes 10`)."""
 
 from __future__ import annotations
 
