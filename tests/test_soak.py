@@ -32,8 +32,15 @@ def test_soak_for_a_minute(engines, tmp_path):
     assert requests["rejected_400_as_intended"] >= 1 and requests["rejected_in_stream_as_intended"] == 0
     assert report["preemptions"] > 0, "the small KV cache was meant to make vLLM preempt"
     assert report["idle"] == {"slots_in_use": 0, "accumulators_in_use": 0, "requests_live": 0}
-    # Refreshing requests (gated's default) too: a recompute replays their expert history.
-    assert len(report["alone_checks"]) >= 1 and all(a["same"] for a in report["alone_checks"])
+    # Refreshing requests (gated's default) too: a recompute replays their expert history. An
+    # answer may part only where its selection is exact (the exported experts match) and the
+    # parting is `gated`'s per-token choice, or where the two selections differ by a float near-tie.
+    checks = report["alone_checks"]
+    assert len(checks) >= 1
+    for a in checks:
+        assert a["same"] or a["gated_token_choice"] or a["selection_near_tie"], a
+        if not a["same"]:
+            assert a["selection"] is not None and a["selection"]["statistic_difference"] <= 1e-4, a
     assert len(report["samples"]) >= 3 and all(s["rss_mib"] > 0 for s in report["samples"])
     assert "soak PASSED" in proc.stdout
 
