@@ -72,12 +72,15 @@ def test_union_size_and_dispatch():
     assert union_size(experts, torch.tensor([3, 3]), 10) == 4  # 9 is past both counts
     assert union_size(experts[:1], torch.tensor([2]), 10) == 2
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # Measured on this CPU (benchmarks/results/cpu_kernels_1b.json), D = 8192:
-    assert choose_path(cpu, True, 1, 8192, 4096, 4096) == "rows"              # 2.8x dense
-    assert choose_path(cpu, True, 2, 8192, 6144, 8192) == "rows"              # 1.7x
+    # The 1B Llama shape on this CPU (benchmarks/results/cpu_kernels_union_tiled.json), D = 8192:
+    assert choose_path(cpu, True, 1, 8192, 4096, 4096) == "rows"              # 2.2x dense
+    assert choose_path(cpu, True, 2, 8192, 6144, 8192) == "union"             # 1.66x (rows 1.16x)
+    assert choose_path(cpu, True, 4, 8192, 6600, 4 * 4096) == "union"         # 1.38x
     assert choose_path(cpu, True, 64, 8192, 2048, 64 * 2048) == "union"       # heavy overlap
-    assert choose_path(cpu, True, 8, 8192, 8000, 8 * 4096) == "masked"        # 0.6x: dense GEMM
+    assert choose_path(cpu, True, 8, 8192, 8000, 8 * 4096) == "masked"        # almost no overlap: ~1.1x, too close
     assert choose_path(cpu, True, 64, 8192, 8192, 64 * 6144) == "masked"
+    # SmolLM2 (D = 1536) at 32 rows: the union kernel loses (0.95-0.98x): dense GEMM.
+    assert choose_path(cpu, True, 32, 1536, 1536, 32 * 768) == "masked"
     assert choose_path(cpu, False, 1, 8192, 4096, 4096) == "gather"
     # H200 (benchmarks/results/h200_triton_experts.json), D = 14336:
     assert choose_path(cuda, True, 1, 14336, 7168, 7168) == "triton"          # 1.47x
@@ -249,7 +252,7 @@ def test_gated_experts_cpu_matches_reference(activation, dtype, rows, hidden, wi
     experts run per row (not the whole pool); both loop orders give the same bits, which are
     the expert kernel's on the experts it chose; a row with k = 0 (another method's row in
     the same step) runs its whole pool."""
-    from vllm_griffin.algorithm import token_experts
+    from vllm_griffin.core.algorithm import token_experts
     from vllm_griffin.ops.cpu_kernel import gated_experts_cpu
     from vllm_griffin.ops.reference import gated_experts_reference
 
@@ -310,3 +313,129 @@ def test_gated_masked_activation_matches_reference(dtype, activation):
     want = act_and_mul(activation)(gate_up.float()) * keep
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
+
+
+# --- the union kernel's register tiles: a row's bits never depend on its batch ---
+
+# The instruction sets the kernels compile for (16, 8 and 1 lanes): this CPU's own, and
+# the narrower ones built with those features turned off (AVX-512 off: an AVX2 machine).
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "portable": ["-mno-avx2", "-mno-fma"]}
+
+
+@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+def kernel_isa(request, tmp_path_factory):
+    """The expert kernels as built for each instruction set, loaded in place of this CPU's
+    build for the test (cpu_kernel.load() returns it)."""
+    from vllm_griffin.ops import cpu_kernel
+
+    if not ISA_FLAGS[request.param]:
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_GRIFFIN_HOME", str(tmp_path_factory.mktemp(request.param)))
+        mp.setattr(cpu_kernel, "FLAGS", cpu_kernel.FLAGS + ISA_FLAGS[request.param])
+        mp.setattr(cpu_kernel, "_lib", None)
+        mp.setattr(cpu_kernel, "_failed", False)
+        assert cpu_kernel.load() is not None
+        yield request.param
+
+
+def expert_sets(rows, width, counts, pattern, gen):
+    """[rows, max(counts)] ascending experts: "random" sets, "shared" (each row's top of one
+    neuron ranking plus noise: overlapping like a trained model's requests), "identical"
+    (one set for every row) or "disjoint" (no neuron used by two rows)."""
+    kmax = max(max(counts), 1)
+    if pattern == "disjoint":
+        perm = torch.randperm(width, generator=gen)
+        starts = [sum(counts[:t]) for t in range(rows)]
+        assert sum(counts) <= width
+        sets = [perm[s:s + c] for s, c in zip(starts, counts)]
+    elif pattern == "identical":
+        sets = [torch.randperm(width, generator=gen)[:kmax]] * rows
+    elif pattern == "shared":
+        base = torch.randn(width, generator=gen)
+        sets = [torch.topk(base + 0.6 * torch.randn(width, generator=gen), kmax).indices for _ in range(rows)]
+    else:
+        sets = [torch.randperm(width, generator=gen)[:kmax] for _ in range(rows)]
+    out = torch.zeros(rows, kmax, dtype=torch.int64)
+    for t, s in enumerate(sets):
+        s = s[:max(counts[t], 0)].sort().values
+        # past the count: arbitrary entries (other rows' or repeats) that must be ignored
+        out[t] = torch.cat([s, torch.randint(0, width, (kmax - len(s),), generator=gen)])
+    return out
+
+
+UNION_CASES = [  # rows, hidden, width, counts, pattern
+    (2, 13, 10, [5, 7], "random"),                     # H below one vector: all scalar tail
+    (3, 37, 50, [25, 0, 50], "random"),                # a row with no experts, one with all
+    (4, 100, 80, [40, 40, 40, 40], "identical"),
+    (4, 100, 80, [20, 20, 20, 20], "disjoint"),
+    (5, 579, 300, [150] * 5, "shared"),                # H = 36 * 16 + 3
+    (8, 264, 700, [350, 300, 0, 350, 1, 349, 350, 200], "shared"),  # several neuron blocks
+    (9, 64, 97, [48] * 9, "random"),                   # a partial row tile
+    (16, 136, 1000, [500] * 16, "shared"),             # H = 8.5 vectors of 16
+    (16, 200, 64, [4] * 16, "disjoint"),
+    (70, 48, 120, [60] * 70, "shared"),                # more rows than one pass (64)
+]
+
+
+def union_outputs(x, weights, experts, counts, activation="silu"):
+    return (experts_mlp_cpu(x, weights, experts, counts, activation, "union"),
+            experts_mlp_cpu(x, weights, experts, counts, activation, "rows"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, hidden, width, counts, pattern", UNION_CASES)
+def test_union_rows_are_bit_identical_to_each_row_alone(kernel_isa, dtype, rows, hidden, width, counts, pattern):
+    """The union kernel (register tiles over rows x neurons, masked down projection) gives
+    each row the bits it gets alone, in any batch and at any position in it, and the row
+    kernel's bits; both within float32 rounding of the float64 reference."""
+    gen = torch.Generator().manual_seed(rows * 1000 + hidden)
+    x = torch.randn(rows, hidden, generator=gen)
+    w_gate_up = (torch.randn(2 * width, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    w_down = (torch.randn(hidden, width, generator=gen) / width ** 0.5).to(dtype)
+    experts = expert_sets(rows, width, counts, pattern, gen)
+    counts = torch.tensor(counts)
+    interleaved = ExpertWeights.interleaved(w_gate_up, w_down)
+    separate = ExpertWeights.separate(w_gate_up, w_down.t().contiguous())
+    union, by_rows = union_outputs(x, interleaved, experts, counts)
+    assert torch.equal(union, by_rows)
+    assert torch.equal(experts_mlp_cpu(x, separate, experts, counts, "silu", "union"), union)
+    for t in range(rows):
+        alone = union_outputs(x[t:t + 1], interleaved, experts[t:t + 1], counts[t:t + 1])
+        assert torch.equal(alone[0][0], union[t]) and torch.equal(alone[1][0], union[t])
+    # Another batch order (rows land in other tiles, beside other rows): the same bits.
+    perm = torch.randperm(rows, generator=gen)
+    shuffled = experts_mlp_cpu(x[perm], interleaved, experts[perm], counts[perm], "silu", "union")
+    assert torch.equal(shuffled, union[perm])
+    # A batch of the row twice, beside a row with no experts.
+    pair = torch.stack([x[0], x[0], x[-1]])
+    twice = experts_mlp_cpu(pair, interleaved, torch.stack([experts[0], experts[0], experts[-1]]),
+                            torch.tensor([counts[0], counts[0], 0]), "silu", "union")
+    assert torch.equal(twice[0], union[0]) and torch.equal(twice[1], union[0]) and not twice[2].any()
+    want = experts_mlp_gather(x.double(), ExpertWeights.separate(w_gate_up.double(), w_down.t().contiguous().double()),
+                              experts, counts, act_and_mul("silu"))
+    torch.testing.assert_close(union.double(), want, rtol=1e-4, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_union_rows_ignore_neurons_they_do_not_keep(kernel_isa, dtype):
+    """Rows that do not keep a neuron skip it (no FMA by 0): a neuron whose weights are
+    inf / NaN, kept by one row only, leaves every other row finite and as it is alone."""
+    gen = torch.Generator().manual_seed(11)
+    rows, hidden, width = 6, 150, 40
+    x = torch.randn(rows, hidden, generator=gen)
+    w_gate_up = (torch.randn(2 * width, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+    w_down = (torch.randn(hidden, width, generator=gen) / width ** 0.5).to(dtype)
+    w_gate_up[[7, width + 7]] = float("inf")
+    w_down[:, 7] = float("nan")
+    others = torch.cat([torch.arange(7), torch.arange(8, width)])  # every neuron but 7
+    experts = torch.stack([others[torch.randperm(width - 1, generator=gen)[:20]].sort().values for _ in range(rows)])
+    experts[2] = torch.cat([torch.tensor([7]), experts[2, 1:]]).sort().values  # row 2 keeps neuron 7
+    counts = torch.full((rows,), 20)
+    weights = ExpertWeights.interleaved(w_gate_up, w_down)
+    union = experts_mlp_cpu(x, weights, experts, counts, "silu", "union")
+    assert union[2].isnan().all()
+    for t in (0, 1, 3, 4, 5):
+        alone = experts_mlp_cpu(x[t:t + 1], weights, experts[t:t + 1], counts[t:t + 1], "silu", "rows")
+        assert union[t].isfinite().all() and torch.equal(union[t], alone[0])

@@ -9,15 +9,26 @@
 // Two loop orders:
 //   rows:  for each row, its experts four at a time (eight independent dot chains
 //          keep the core busy while weights stream in);
-//   union: for each neuron any row uses, its rows are loaded once and applied to up
-//          to four rows at a time while they sit in L1 (weight traffic = |union|).
+//   union: over the union of the step's experts, in blocks of 16 ascending neurons, so
+//          each neuron's weights come from memory once for all rows (weight traffic =
+//          |union|) and are then reused from L1/L2 by register-tiled micro-kernels that
+//          do only the rows' own products (no work for a row that does not keep a
+//          neuron): per row, the gate/up dots of 8 of its neurons at a time over a chunk
+//          of 256 columns (16 accumulators; the block's chunk stays in L1 for all rows),
+//          then its down projection 128 columns at a time (8 accumulators) while its
+//          neurons of the block are added in ascending order.
 // Both produce the same bits for a row: every (row, neuron) dot product is one
-// 8-lane accumulator over H, then a horizontal sum, then the scalar tail; every
-// row adds its experts' down rows in ascending neuron order. So a row's output
-// never depends on which rows share its step.
-// Compiled at first use by vllm_griffin/ops/cpu_kernel.py (cc -O3 -march=native).
+// KLANES-lane accumulator over H (columns in ascending order, whatever the chunking),
+// then ksum's fixed tree, then the scalar tail; h = act_mul (lane and scalar code agree);
+// every output element adds its row's experts' down values with one FMA each, in
+// ascending neuron order, starting from 0. A row never touches a neuron it does not
+// keep, so its output never depends on which rows share its step.
+// Compiled at first use by vllm_griffin/ops/cpu_kernel.py (cc -O3 -march=native): 16 lanes
+// where the compiler targets AVX-512, 8 with AVX2 + FMA, 1 otherwise (bits differ between
+// those builds, never between the loop orders of one build).
 
 #include <float.h>
+#include <stddef.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,6 +56,7 @@ static inline float bf16_to_f32(uint16_t v) {
 }
 static inline float f32_id(float v) { return v; }
 
+// Vectors of the prefill capture and masked-path kernels below (8 lanes with AVX2).
 #ifdef GRIFFIN_AVX2
 #define LANES 8
 typedef __m256 vec;
@@ -81,43 +93,173 @@ static inline vec load_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
 static inline float vsum(vec v) { return v; }
 #endif
 
+// SiLU and the GELU tanh form as g * sigmoid(a) (a = g, or a = 2 * sqrt(2/pi) *
+// (g + 0.044715 g^3)), with exp from a range reduction and a degree-7 polynomial (Cephes'
+// expf, within 2 ulp). The lane code and the scalar code do the same IEEE operations in
+// the same order, so a value's bits do not depend on its position or on AVX2: the decode
+// kernels' activations (act_mul) and the masked path's (griffin_act_keep_*).
+#define EXP_HI 88.3762626647949f
+#define EXP_LO -87.3365478515625f
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f
+#define LN2_LO -2.12194440e-4f
+#define GELU_A 1.5957691216057308f   /* 2 * sqrt(2 / pi) */
+#define GELU_B 0.0713548162726009f   /* 2 * sqrt(2 / pi) * 0.044715 */
+static const float EXP_POLY[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                                  4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
+
+static inline float exp_scalar(float x) {
+    x = x > EXP_LO ? x : EXP_LO;          // fmaxf, fminf (inlined); the result's NaN comes from g
+    x = x < EXP_HI ? x : EXP_HI;
+    float n = nearbyintf(x * LOG2E);
+    float r = fmaf(-n, LN2_HI, x);
+    r = fmaf(-n, LN2_LO, r);
+    float p = EXP_POLY[0];
+    for (int i = 1; i < 6; i++) p = fmaf(p, r, EXP_POLY[i]);
+    p = fmaf(p, r * r, r) + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+static inline float gated_act_scalar(float g, float u, int act) {
+    float a = act == 0 ? g : g * fmaf(GELU_B, g * g, GELU_A);
+    return g / (1.0f + exp_scalar(-a)) * u;
+}
+#ifdef GRIFFIN_AVX2
+static inline __m256 exp_lanes(__m256 x) {
+    // As exp_scalar's clamps except for NaN (kept here; there g carries it to the result).
+    x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EXP_POLY[0]);
+    for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_POLY[i]));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+static inline __m256 gated_act_lanes(__m256 g, __m256 u, int act) {
+    __m256 a = act == 0 ? g : _mm256_mul_ps(g, _mm256_fmadd_ps(_mm256_set1_ps(GELU_B), _mm256_mul_ps(g, g),
+                                                               _mm256_set1_ps(GELU_A)));
+    __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp_lanes(_mm256_sub_ps(_mm256_setzero_ps(), a)));
+    return _mm256_mul_ps(_mm256_div_ps(g, den), u);
+}
+#endif
+
+// h[k] = act(g[k]) * u[k], k < n: every expert kernel's activation, so a (row, neuron)'s h
+// has the same bits in each (whatever its position in g: lanes and scalar agree).
+static void act_mul(const float* g, const float* u, float* h, int n, int act) {
+    int k = 0;
+    if (act <= 1) {
+#ifdef GRIFFIN_AVX2
+        for (; k + 8 <= n; k += 8)
+            _mm256_storeu_ps(h + k, gated_act_lanes(_mm256_loadu_ps(g + k), _mm256_loadu_ps(u + k), act));
+#endif
+        for (; k < n; k++) h[k] = gated_act_scalar(g[k], u[k], act);
+    } else {
+        for (; k < n; k++) h[k] = act_fn(g[k], act) * u[k];
+    }
+}
+
+// Vectors of the decode expert kernels: the widest the build allows.
+#if defined(GRIFFIN_AVX2) && defined(__AVX512F__)
+#define KLANES 16
+typedef __m512 kvec;
+static inline kvec kzero(void) { return _mm512_setzero_ps(); }
+static inline kvec kset1(float v) { return _mm512_set1_ps(v); }
+static inline kvec kloadx(const float* p) { return _mm512_loadu_ps(p); }
+static inline void kstore(float* p, kvec v) { _mm512_storeu_ps(p, v); }
+static inline kvec kfma(kvec a, kvec b, kvec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline kvec kload_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline kvec kload_bf16(const uint16_t* p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+static inline float ksum(kvec v) {  // lanes i + (i + 8), then vsum's tree on those 8
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return vsum(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+}
+#elif defined(GRIFFIN_AVX2)
+#define KLANES 8
+typedef __m256 kvec;
+static inline kvec kzero(void) { return _mm256_setzero_ps(); }
+static inline kvec kset1(float v) { return _mm256_set1_ps(v); }
+static inline kvec kloadx(const float* p) { return _mm256_loadu_ps(p); }
+static inline void kstore(float* p, kvec v) { _mm256_storeu_ps(p, v); }
+static inline kvec kfma(kvec a, kvec b, kvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline kvec kload_f32(const float* p) { return load_f32(p); }
+static inline kvec kload_bf16(const uint16_t* p) { return load_bf16(p); }
+static inline float ksum(kvec v) { return vsum(v); }
+#else
+#define KLANES 1
+typedef float kvec;
+static inline kvec kzero(void) { return 0.0f; }
+static inline kvec kset1(float v) { return v; }
+static inline kvec kloadx(const float* p) { return *p; }
+static inline void kstore(float* p, kvec v) { *p = v; }
+static inline kvec kfma(kvec a, kvec b, kvec c) { return fmaf(a, b, c); }
+static inline kvec kload_f32(const float* p) { return *p; }
+static inline kvec kload_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
+static inline float ksum(kvec v) { return v; }
+#endif
+
+// The union kernel (griffin_experts_union_*) works on blocks of U_BLOCK union neurons;
+// per row and block, its gate/up dots in tiles of UA_TILE of the row's neurons (2 *
+// UA_TILE accumulators), U_CHUNK columns at a time (the block's gate/up chunk stays in
+// L1 for all rows); its down projection UB_VECS vectors of columns at a time (in
+// registers while the row's neurons of the block are added). Up to 64 rows per pass
+// (U_GROUP: one bit each). Tiles: 16 + 1 of AVX-512's 32 registers, 12 + 1 of AVX2's 16.
+// No software prefetch: the hardware's follows the block's chunks (measured: prefetching
+// the next block from the inner loops was slower on a 1-core stream).
+#if KLANES == 16
+#define UA_TILE 8
+#define UB_VECS 8
+#elif KLANES == 8
+#define UA_TILE 6
+#define UB_VECS 8
+#else
+#define UA_TILE 4
+#define UB_VECS 4
+#endif
+#ifndef U_BLOCK
+#define U_BLOCK 16
+#endif
+#ifndef U_CHUNK
+#define U_CHUNK 256
+#endif
+#define U_GROUP 64
+
+// Hides p's value from the optimizer: the loads at p + constant then use one register
+// (not one offset per constant, hoisted out of the loop and spilled).
+#define OPAQUE(p) __asm__("" : "+r"(p))
+
+// The union kernel's micro-kernels name their accumulators (ag0.., au0.., a0..) rather
+// than index arrays, so they stay in registers; tile sizes are constants after inlining
+// and the unused names drop out.
+#define RD_LOAD(k) if (k < np) { ag##k = kloadx(acc + (2 * k) * KLANES); au##k = kloadx(acc + (2 * k + 1) * KLANES); }
+#define RD_STEP(k, LOAD) if (k < np) { ag##k = kfma(LOAD(gates[k] + i), xv, ag##k); \
+    au##k = kfma(LOAD(gates[k] + du + i), xv, au##k); }
+#define RD_SAVE(k) if (k < np) { kstore(acc + (2 * k) * KLANES, ag##k); kstore(acc + (2 * k + 1) * KLANES, au##k); }
+#define RW_LOAD(k) if (k < nv) a##k = kloadx(y + k * KLANES);
+#define RW_STEP(k, LOAD) if (k < nv) a##k = kfma(LOAD(d + k * KLANES), hv, a##k);
+#define RW_SAVE(k) if (k < nv) kstore(y + k * KLANES, a##k);
+
 #define DEFINE_KERNELS(SUFFIX, WT, LOAD, TOF)                                                    \
-/* g = gate_j . x_t and u = up_j . x_t for one neuron and up to four rows. */                   \
-static inline __attribute__((always_inline)) void dots_rows_##SUFFIX(const WT* gate, const WT* up, const float* const* xs,      \
-                                      int nr, int64_t H, float* g, float* u) {                   \
-    vec ag[4] = {vzero(), vzero(), vzero(), vzero()}, au[4] = {vzero(), vzero(), vzero(), vzero()}; \
+/* g = gate_n . x and u = up_n . x for one row and up to four neurons. */                                 \
+static inline __attribute__((always_inline)) void dots_neurons_##SUFFIX(const WT* const* gates, \
+        const WT* const* ups, const float* x, int nn, int64_t H, float* g, float* u) {          \
+    kvec ag[4] = {kzero(), kzero(), kzero(), kzero()}, au[4] = {kzero(), kzero(), kzero(), kzero()}; \
     int64_t i = 0;                                                                              \
-    for (; i + LANES <= H; i += LANES) {                                                        \
-        vec wg = LOAD(gate + i), wu = LOAD(up + i);                                             \
-        for (int r = 0; r < nr; r++) {                                                          \
-            vec xv = vloadx(xs[r] + i);                                                         \
-            ag[r] = vfma(wg, xv, ag[r]);                                                        \
-            au[r] = vfma(wu, xv, au[r]);                                                        \
-        }                                                                                       \
-    }                                                                                           \
-    for (int r = 0; r < nr; r++) {                                                              \
-        float gs = vsum(ag[r]), us = vsum(au[r]);                                               \
-        for (int64_t k = i; k < H; k++) {                                                       \
-            gs = fmaf(TOF(gate[k]), xs[r][k], gs);                                              \
-            us = fmaf(TOF(up[k]), xs[r][k], us);                                                \
-        }                                                                                       \
-        g[r] = gs; u[r] = us;                                                                   \
-    }                                                                                           \
-}                                                                                               \
-/* The same dot products for one row and up to four neurons. */                                 \
-static inline __attribute__((always_inline)) void dots_neurons_##SUFFIX(const WT* const* gates, const WT* const* ups,          \
-                                         const float* x, int nn, int64_t H, float* g, float* u) { \
-    vec ag[4] = {vzero(), vzero(), vzero(), vzero()}, au[4] = {vzero(), vzero(), vzero(), vzero()}; \
-    int64_t i = 0;                                                                              \
-    for (; i + LANES <= H; i += LANES) {                                                        \
-        vec xv = vloadx(x + i);                                                                 \
+    for (; i + KLANES <= H; i += KLANES) {                                                      \
+        kvec xv = kloadx(x + i);                                                                \
         for (int n = 0; n < nn; n++) {                                                          \
-            ag[n] = vfma(LOAD(gates[n] + i), xv, ag[n]);                                        \
-            au[n] = vfma(LOAD(ups[n] + i), xv, au[n]);                                          \
+            ag[n] = kfma(LOAD(gates[n] + i), xv, ag[n]);                                        \
+            au[n] = kfma(LOAD(ups[n] + i), xv, au[n]);                                          \
         }                                                                                       \
     }                                                                                           \
     for (int n = 0; n < nn; n++) {                                                              \
-        float gs = vsum(ag[n]), us = vsum(au[n]);                                               \
+        float gs = ksum(ag[n]), us = ksum(au[n]);                                               \
         for (int64_t k = i; k < H; k++) {                                                       \
             gs = fmaf(TOF(gates[n][k]), x[k], gs);                                              \
             us = fmaf(TOF(ups[n][k]), x[k], us);                                                \
@@ -126,46 +268,37 @@ static inline __attribute__((always_inline)) void dots_neurons_##SUFFIX(const WT
     }                                                                                           \
 }                                                                                               \
 /* y_r += h_r * down_j for up to four rows (one neuron). */                                     \
-static inline __attribute__((always_inline)) void axpy_rows_##SUFFIX(float* const* ys, const float* h, int nr, const WT* down, \
-                                      int64_t H) {                                              \
+static inline __attribute__((always_inline)) void axpy_rows_##SUFFIX(float* const* ys, const float* h, \
+        int nr, const WT* down, int64_t H) {                                                    \
     int64_t i = 0;                                                                              \
-    for (; i + LANES <= H; i += LANES) {                                                        \
-        vec w = LOAD(down + i);                                                                 \
-        for (int r = 0; r < nr; r++) vstore(ys[r] + i, vfma(w, vset1(h[r]), vloadx(ys[r] + i))); \
+    for (; i + KLANES <= H; i += KLANES) {                                                      \
+        kvec w = LOAD(down + i);                                                                \
+        for (int r = 0; r < nr; r++) kstore(ys[r] + i, kfma(w, kset1(h[r]), kloadx(ys[r] + i))); \
     }                                                                                           \
     for (int r = 0; r < nr; r++)                                                                \
         for (int64_t k = i; k < H; k++) ys[r][k] = fmaf(TOF(down[k]), h[r], ys[r][k]);          \
 }                                                                                               \
 /* y += h_n * down_n for up to four neurons in ascending order (one row). */                    \
-static inline __attribute__((always_inline)) void axpy_neurons_##SUFFIX(float* y, const float* h, int nn, const WT* const* downs, \
-                                         int64_t H) {                                           \
+static inline __attribute__((always_inline)) void axpy_neurons_##SUFFIX(float* y, const float* h, \
+        int nn, const WT* const* downs, int64_t H) {                                            \
     int64_t i = 0;                                                                              \
-    for (; i + LANES <= H; i += LANES) {                                                        \
-        vec acc = vloadx(y + i);                                                                \
-        for (int n = 0; n < nn; n++) acc = vfma(LOAD(downs[n] + i), vset1(h[n]), acc);          \
-        vstore(y + i, acc);                                                                     \
+    for (; i + KLANES <= H; i += KLANES) {                                                      \
+        kvec acc = kloadx(y + i);                                                               \
+        for (int n = 0; n < nn; n++) acc = kfma(LOAD(downs[n] + i), kset1(h[n]), acc);          \
+        kstore(y + i, acc);                                                                     \
     }                                                                                           \
     for (int64_t k = i; k < H; k++)                                                             \
         for (int n = 0; n < nn; n++) y[k] = fmaf(TOF(downs[n][k]), h[n], y[k]);                 \
 }                                                                                               \
 /* The helpers above for a run-time count of 1-4: each case a constant, so the                  \
    compiler keeps the accumulators in registers. */                                             \
-static void dots_neurons_n_##SUFFIX(const WT* const* gates, const WT* const* ups, const float* x, int nn,\
-                                    int64_t H, float* g, float* u) {                            \
+static void dots_neurons_n_##SUFFIX(const WT* const* gates, const WT* const* ups, const float* x, \
+                                    int nn, int64_t H, float* g, float* u) {                    \
     switch (nn) {                                                                               \
         case 4: dots_neurons_##SUFFIX(gates, ups, x, 4, H, g, u); break;                        \
         case 3: dots_neurons_##SUFFIX(gates, ups, x, 3, H, g, u); break;                        \
         case 2: dots_neurons_##SUFFIX(gates, ups, x, 2, H, g, u); break;                        \
         default: dots_neurons_##SUFFIX(gates, ups, x, 1, H, g, u);                              \
-    }                                                                                           \
-}                                                                                               \
-static void dots_rows_n_##SUFFIX(const WT* gate, const WT* up, const float* const* xs, int nr, int64_t H,\
-                                 float* g, float* u) {                                          \
-    switch (nr) {                                                                               \
-        case 4: dots_rows_##SUFFIX(gate, up, xs, 4, H, g, u); break;                            \
-        case 3: dots_rows_##SUFFIX(gate, up, xs, 3, H, g, u); break;                            \
-        case 2: dots_rows_##SUFFIX(gate, up, xs, 2, H, g, u); break;                            \
-        default: dots_rows_##SUFFIX(gate, up, xs, 1, H, g, u);                                  \
     }                                                                                           \
 }                                                                                               \
 static void axpy_neurons_n_##SUFFIX(float* y, const float* h, int nn, const WT* const* downs, int64_t H) {\
@@ -201,45 +334,170 @@ void griffin_experts_rows_##SUFFIX(const float* x, const WT* w_gate, const WT* w
                 downs[n] = w_down + j * stride;                                                 \
             }                                                                                   \
             dots_neurons_n_##SUFFIX(gates, ups, x + t * H, nn, H, g, u);                        \
-            for (int n = 0; n < nn; n++) h[n] = act_fn(g[n], act) * u[n];                       \
+            act_mul(g, u, h, nn, act);                                                          \
             axpy_neurons_n_##SUFFIX(y, h, nn, downs, H);                                        \
         }                                                                                       \
+    }                                                                                           \
+}                                                                                               \
+/* Union, phase A: columns [i0, i1) of one row's gate and up dots with np neurons (a     \
+   register tile); the accumulators rest in acc between column chunks (zero when fresh),     \
+   acc[(2 * p + m) * KLANES] for neuron p, m = 0 gate / 1 up; up rows at gate + du. */       \
+static inline __attribute__((always_inline)) void row_dots_##SUFFIX(const WT* const* gates,     \
+        ptrdiff_t du, const float* x, const int np, int64_t i0, int64_t i1, float* acc, int fresh) { \
+    kvec ag0 = kzero(), ag1 = kzero(), ag2 = kzero(), ag3 = kzero(), ag4 = kzero(), ag5 = kzero(); \
+    kvec ag6 = kzero(), ag7 = kzero(), au0 = kzero(), au1 = kzero(), au2 = kzero(), au3 = kzero(); \
+    kvec au4 = kzero(), au5 = kzero(), au6 = kzero(), au7 = kzero();                            \
+    if (!fresh) {                                                                               \
+        RD_LOAD(0) RD_LOAD(1) RD_LOAD(2) RD_LOAD(3) RD_LOAD(4) RD_LOAD(5) RD_LOAD(6) RD_LOAD(7) \
+    }                                                                                           \
+    for (int64_t i = i0; i < i1; i += KLANES) {                                                 \
+        kvec xv = kloadx(x + i);                                                                \
+        RD_STEP(0, LOAD) RD_STEP(1, LOAD) RD_STEP(2, LOAD) RD_STEP(3, LOAD)                     \
+        RD_STEP(4, LOAD) RD_STEP(5, LOAD) RD_STEP(6, LOAD) RD_STEP(7, LOAD)                     \
+    }                                                                                           \
+    RD_SAVE(0) RD_SAVE(1) RD_SAVE(2) RD_SAVE(3) RD_SAVE(4) RD_SAVE(5) RD_SAVE(6) RD_SAVE(7)     \
+}                                                                                               \
+static void row_dots_n_##SUFFIX(const WT* const* gates, ptrdiff_t du, const float* x, int np,   \
+        int64_t i0, int64_t i1, float* acc, int fresh) {                                        \
+    switch (np) {                                                                               \
+        case 1: row_dots_##SUFFIX(gates, du, x, 1, i0, i1, acc, fresh); break;                  \
+        case 2: row_dots_##SUFFIX(gates, du, x, 2, i0, i1, acc, fresh); break;                  \
+        case 3: row_dots_##SUFFIX(gates, du, x, 3, i0, i1, acc, fresh); break;                  \
+        case 4: row_dots_##SUFFIX(gates, du, x, 4, i0, i1, acc, fresh); break;                  \
+        case 5: row_dots_##SUFFIX(gates, du, x, UA_TILE < 5 ? UA_TILE : 5, i0, i1, acc, fresh); break; \
+        case 6: row_dots_##SUFFIX(gates, du, x, UA_TILE < 6 ? UA_TILE : 6, i0, i1, acc, fresh); break; \
+        case 7: row_dots_##SUFFIX(gates, du, x, UA_TILE < 7 ? UA_TILE : 7, i0, i1, acc, fresh); break; \
+        default: row_dots_##SUFFIX(gates, du, x, UA_TILE < 8 ? UA_TILE : 8, i0, i1, acc, fresh); \
+    }                                                                                           \
+}                                                                                               \
+/* Union, phase B: columns [i, i + nv * KLANES) of one row's output held in registers     \
+   while its neurons of the block add h[l] * downs[l], l ascending. */                        \
+static inline __attribute__((always_inline)) void row_down_##SUFFIX(float* y, const WT* const* downs, \
+        const float* h, int n, const int nv, int64_t i) {                                       \
+    kvec a0 = kzero(), a1 = kzero(), a2 = kzero(), a3 = kzero();                                \
+    kvec a4 = kzero(), a5 = kzero(), a6 = kzero(), a7 = kzero();                                \
+    y += i;                                                                                     \
+    RW_LOAD(0) RW_LOAD(1) RW_LOAD(2) RW_LOAD(3) RW_LOAD(4) RW_LOAD(5) RW_LOAD(6) RW_LOAD(7)     \
+    for (int l = 0; l < n; l++) {                                                               \
+        const WT* d = downs[l] + i;                                                             \
+        OPAQUE(d);                                                                              \
+        kvec hv = kset1(h[l]);                                                                  \
+        RW_STEP(0, LOAD) RW_STEP(1, LOAD) RW_STEP(2, LOAD) RW_STEP(3, LOAD)                     \
+        RW_STEP(4, LOAD) RW_STEP(5, LOAD) RW_STEP(6, LOAD) RW_STEP(7, LOAD)                     \
+    }                                                                                           \
+    RW_SAVE(0) RW_SAVE(1) RW_SAVE(2) RW_SAVE(3) RW_SAVE(4) RW_SAVE(5) RW_SAVE(6) RW_SAVE(7)     \
+}                                                                                               \
+static void row_down_n_##SUFFIX(float* y, const WT* const* downs, const float* h, int n, int nv, \
+        int64_t i) {                                                                            \
+    switch (nv) {                                                                               \
+        case 1: row_down_##SUFFIX(y, downs, h, n, 1, i); break;                                 \
+        case 2: row_down_##SUFFIX(y, downs, h, n, 2, i); break;                                 \
+        case 3: row_down_##SUFFIX(y, downs, h, n, 3, i); break;                                 \
+        case 4: row_down_##SUFFIX(y, downs, h, n, 4, i); break;                                 \
+        case 5: row_down_##SUFFIX(y, downs, h, n, UB_VECS < 5 ? UB_VECS : 5, i); break;         \
+        case 6: row_down_##SUFFIX(y, downs, h, n, UB_VECS < 6 ? UB_VECS : 6, i); break;         \
+        case 7: row_down_##SUFFIX(y, downs, h, n, UB_VECS < 7 ? UB_VECS : 7, i); break;         \
+        default: row_down_##SUFFIX(y, downs, h, n, UB_VECS < 8 ? UB_VECS : 8, i);               \
     }                                                                                           \
 }                                                                                               \
 void griffin_experts_union_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up,           \
         const WT* w_down, int64_t stride, const int64_t* experts, const int64_t* counts,        \
         float* out, int64_t T, int64_t H, int64_t D, int64_t K, int act) {                      \
-    /* users[j]: rows using neuron j; rows_of[j*T + n]: which, ascending. */                    \
-    int32_t* users = calloc((size_t)D, sizeof(int32_t));                                        \
-    int32_t* rows_of = malloc(sizeof(int32_t) * (size_t)D * (size_t)T);                         \
-    for (int64_t t = 0; t < T; t++)                                                             \
-        for (int64_t e = 0; e < counts[t]; e++) {                                               \
-            int64_t j = experts[t * K + e];                                                     \
-            rows_of[j * T + users[j]++] = (int32_t)t;                                           \
-        }                                                                                       \
-    memset(out, 0, sizeof(float) * T * H);                                                      \
-    for (int64_t j = 0; j < D; j++) {                                                           \
-        for (int32_t first = 0; first < users[j]; first += 4) {                                 \
-            int nr = users[j] - first < 4 ? users[j] - first : 4;                               \
-            const float* xs[4];                                                                 \
-            float* ys[4];                                                                       \
-            float g[4], u[4], h[4];                                                             \
-            for (int r = 0; r < nr; r++) {                                                      \
-                int64_t t = rows_of[j * T + first + r];                                         \
-                xs[r] = x + t * H; ys[r] = out + t * H;                                         \
+    const int64_t Hv = H / KLANES * KLANES;                  /* the lanes' part of H */         \
+    const ptrdiff_t du = w_up - w_gate;                                                         \
+    uint64_t* bits = malloc(sizeof(uint64_t) * (size_t)(D + 1)); /* rows keeping neuron j */    \
+    int32_t* used = malloc(sizeof(int32_t) * (size_t)(D + 1));   /* the union, ascending */     \
+    const int64_t rows = T < 1 ? 1 : T < U_GROUP ? T : U_GROUP;  /* per pass */                  \
+    float* acc = aligned_alloc(64, sizeof(float) * KLANES * 2 * U_BLOCK * rows); /* A's sums */ \
+    float* gu = malloc(sizeof(float) * 3 * U_BLOCK * U_GROUP);   /* gate sums, up sums, h */    \
+    const WT** rowp = malloc(sizeof(const WT*) * 2 * U_BLOCK * U_GROUP); /* per row: gate, down */ \
+    int cnt[U_GROUP], base[U_GROUP];                                                            \
+    memset(out, 0, sizeof(float) * (size_t)(T * H));                                            \
+    for (int64_t t0 = 0; t0 < T; t0 += U_GROUP) {                                               \
+        const int G = T - t0 < U_GROUP ? (int)(T - t0) : U_GROUP;                               \
+        const float* xg = x + t0 * H;                                                           \
+        float* yg = out + t0 * H;                                                               \
+        memset(bits, 0, sizeof(uint64_t) * (size_t)D);                                          \
+        for (int r = 0; r < G; r++)                                                             \
+            for (int64_t e = 0; e < counts[t0 + r]; e++) bits[experts[(t0 + r) * K + e]] |= 1ull << r; \
+        int nu = 0;                                                                             \
+        for (int64_t j = 0; j < D; j++)                                                         \
+            if (bits[j]) used[nu++] = (int32_t)j;                                               \
+        for (int b0 = 0; b0 < nu; b0 += U_BLOCK) {  /* blocks of union neurons, ascending */ \
+            const int nb = nu - b0 < U_BLOCK ? nu - b0 : U_BLOCK;                               \
+            /* each row's neurons of the block, ascending: gate and down rows */                \
+            for (int r = 0; r < G; r++) {                                                       \
+                const WT** rp = rowp + 2 * r * U_BLOCK;                                         \
+                int c = 0;                                                                      \
+                for (int n = 0; n < nb; n++) {                                                  \
+                    int64_t j = used[b0 + n];                                                   \
+                    if ((bits[j] >> r) & 1) {                                                   \
+                        rp[c] = w_gate + j * stride;                                            \
+                        rp[U_BLOCK + c] = w_down + j * stride;                                  \
+                        c++;                                                                    \
+                    }                                                                           \
+                }                                                                               \
+                cnt[r] = c;                                                                     \
             }                                                                                   \
-            const WT *gate = w_gate + j * stride, *up = w_up + j * stride;                      \
-            dots_rows_n_##SUFFIX(gate, up, xs, nr, H, g, u);                                    \
-            for (int r = 0; r < nr; r++) h[r] = act_fn(g[r], act) * u[r];                       \
-            axpy_rows_n_##SUFFIX(ys, h, nr, w_down + j * stride, H);                            \
+            /* A: each row's gate and up dots with its neurons, a column chunk at a time */     \
+            for (int64_t c0 = 0; c0 < Hv; c0 += U_CHUNK) {                                      \
+                const int64_t c1 = c0 + U_CHUNK < Hv ? c0 + U_CHUNK : Hv;                       \
+                for (int r = 0; r < G; r++)                                                     \
+                    for (int l0 = 0; l0 < cnt[r]; l0 += UA_TILE) {                              \
+                        row_dots_n_##SUFFIX(rowp + 2 * r * U_BLOCK + l0, du, xg + r * H,        \
+                                            cnt[r] - l0 < UA_TILE ? cnt[r] - l0 : UA_TILE, c0, c1, \
+                                            acc + (int64_t)(r * U_BLOCK + l0) * 2 * KLANES, c0 == 0); \
+                    }                                                                           \
+            }                                                                                   \
+            /* ... the lanes' sums, the scalar tail; then h = act(gate) * up for the block's     \
+               (row, neuron) pairs at once: pair l of row r at base[r] + l */                   \
+            int np = 0;                                                                         \
+            for (int r = 0; r < G; r++) {                                                       \
+                const float* xr = xg + r * H;                                                   \
+                base[r] = np;                                                                   \
+                for (int l = 0; l < cnt[r]; l++, np++) {                                        \
+                    const float* a = acc + (int64_t)(r * U_BLOCK + l) * 2 * KLANES;             \
+                    const WT* gate = rowp[2 * r * U_BLOCK + l];                                 \
+                    float gs = ksum(Hv ? kloadx(a) : kzero());                                  \
+                    float us = ksum(Hv ? kloadx(a + KLANES) : kzero());                         \
+                    for (int64_t k = Hv; k < H; k++) {                                          \
+                        gs = fmaf(TOF(gate[k]), xr[k], gs);                                     \
+                        us = fmaf(TOF(gate[du + k]), xr[k], us);                                \
+                    }                                                                           \
+                    gu[np] = gs; gu[U_BLOCK * U_GROUP + np] = us;                               \
+                }                                                                               \
+            }                                                                                   \
+            float* h = gu + 2 * U_BLOCK * U_GROUP;                                              \
+            act_mul(gu, gu + U_BLOCK * U_GROUP, h, np, act);                                    \
+            /* B: y += h * down, each row's neurons ascending, columns in registers */          \
+            int64_t i = 0;                                                                      \
+            for (; i < Hv; i += UB_VECS * KLANES) {                                             \
+                const int nv = (Hv - i) / KLANES < UB_VECS ? (int)((Hv - i) / KLANES) : UB_VECS; \
+                for (int r = 0; r < G; r++)                                                     \
+                    if (cnt[r]) {                                                               \
+                        row_down_n_##SUFFIX(yg + r * H, rowp + 2 * r * U_BLOCK + U_BLOCK,       \
+                                            h + base[r], cnt[r], nv, i);                        \
+                    }                                                                           \
+            }                                                                                   \
+            for (int r = 0; r < G && Hv < H; r++)                                               \
+                for (int64_t k = Hv; k < H; k++) {                                              \
+                    float y = yg[r * H + k];                                                    \
+                    for (int l = 0; l < cnt[r]; l++)                                            \
+                        y = fmaf(TOF(rowp[2 * r * U_BLOCK + U_BLOCK + l][k]), h[base[r] + l], y); \
+                    yg[r * H + k] = y;                                                          \
+                }                                                                               \
         }                                                                                       \
     }                                                                                           \
-    free(users);                                                                                \
-    free(rows_of);                                                                              \
+    free(bits);                                                                                 \
+    free(used);                                                                                 \
+    free(acc);                                                                                  \
+    free(gu);                                                                                   \
+    free(rowp);                                                                                 \
 }
 
-DEFINE_KERNELS(f32, float, load_f32, f32_id)
-DEFINE_KERNELS(bf16, uint16_t, load_bf16, bf16_to_f32)
+
+DEFINE_KERNELS(f32, float, kload_f32, f32_id)
+DEFINE_KERNELS(bf16, uint16_t, kload_bf16, bf16_to_f32)
 
 // `gated` decode: each row computes the gates of its pool (the prompt's pick), keeps the
 // k pool neurons of largest |act(gate)|, and runs up and down on those alone: pool + 2k
@@ -292,14 +550,14 @@ static inline float gate_score(float g, int act) {
 /* w_n . x for one row and up to four neurons: dots_neurons' chains for one matrix. */         \
 static inline __attribute__((always_inline)) void dot_neurons_##SUFFIX(const WT* const* ws, const float* x, int nn, \
                                                                       int64_t H, float* out) {  \
-    vec a[4] = {vzero(), vzero(), vzero(), vzero()};                                            \
+    kvec a[4] = {kzero(), kzero(), kzero(), kzero()};                                            \
     int64_t i = 0;                                                                              \
-    for (; i + LANES <= H; i += LANES) {                                                        \
-        vec xv = vloadx(x + i);                                                                 \
-        for (int n = 0; n < nn; n++) a[n] = vfma(LOAD(ws[n] + i), xv, a[n]);                    \
+    for (; i + KLANES <= H; i += KLANES) {                                                        \
+        kvec xv = kloadx(x + i);                                                                 \
+        for (int n = 0; n < nn; n++) a[n] = kfma(LOAD(ws[n] + i), xv, a[n]);                    \
     }                                                                                           \
     for (int n = 0; n < nn; n++) {                                                              \
-        float s = vsum(a[n]);                                                                   \
+        float s = ksum(a[n]);                                                                   \
         for (int64_t k = i; k < H; k++) s = fmaf(TOF(ws[n][k]), x[k], s);                       \
         out[n] = s;                                                                             \
     }                                                                                           \
@@ -307,14 +565,14 @@ static inline __attribute__((always_inline)) void dot_neurons_##SUFFIX(const WT*
 /* w . x_r for one neuron and up to four rows: dots_rows' chains for one matrix. */             \
 static inline __attribute__((always_inline)) void dot_rows_##SUFFIX(const WT* w, const float* const* xs, int nr, \
                                                                    int64_t H, float* out) {     \
-    vec a[4] = {vzero(), vzero(), vzero(), vzero()};                                            \
+    kvec a[4] = {kzero(), kzero(), kzero(), kzero()};                                            \
     int64_t i = 0;                                                                              \
-    for (; i + LANES <= H; i += LANES) {                                                        \
-        vec wv = LOAD(w + i);                                                                   \
-        for (int r = 0; r < nr; r++) a[r] = vfma(wv, vloadx(xs[r] + i), a[r]);                  \
+    for (; i + KLANES <= H; i += KLANES) {                                                        \
+        kvec wv = LOAD(w + i);                                                                   \
+        for (int r = 0; r < nr; r++) a[r] = kfma(wv, kloadx(xs[r] + i), a[r]);                  \
     }                                                                                           \
     for (int r = 0; r < nr; r++) {                                                              \
-        float s = vsum(a[r]);                                                                   \
+        float s = ksum(a[r]);                                                                   \
         for (int64_t k = i; k < H; k++) s = fmaf(TOF(w[k]), xs[r][k], s);                       \
         out[r] = s;                                                                             \
     }                                                                                           \
@@ -399,7 +657,9 @@ void griffin_gated_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up, co
                     xs[r] = x + t * H; ys[r] = out + t * H;                                     \
                 }                                                                               \
                 dot_rows_n_##SUFFIX(w_up + j * stride, xs, nr, H, u);                           \
-                for (int r = 0; r < nr; r++) h[r] = act_fn(g[at[j * T + first + r]], act) * u[r]; \
+                float gg[4];                                                                    \
+                for (int r = 0; r < nr; r++) gg[r] = g[at[j * T + first + r]];                  \
+                act_mul(gg, u, h, nr, act);                                                     \
                 axpy_rows_n_##SUFFIX(ys, h, nr, w_down + j * stride, H);                        \
             }                                                                                   \
         free(users);                                                                            \
@@ -419,7 +679,7 @@ void griffin_gated_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up, co
                     }                                                                           \
                 if (nn == 0) break;                                                             \
                 dot_neurons_n_##SUFFIX(ups, x + t * H, nn, H, u);                               \
-                for (int n = 0; n < nn; n++) h[n] = act_fn(gs[n], act) * u[n];                  \
+                act_mul(gs, u, h, nn, act);                                                     \
                 float* y = out + t * H;                                                         \
                 axpy_neurons_n_##SUFFIX(y, h, nn, downs, H);                                    \
             }                                                                                   \
@@ -431,8 +691,8 @@ void griffin_gated_##SUFFIX(const float* x, const WT* w_gate, const WT* w_up, co
     free(chosen);                                                                               \
 }
 
-DEFINE_GATED(f32, float, load_f32, f32_id)
-DEFINE_GATED(bf16, uint16_t, load_bf16, bf16_to_f32)
+DEFINE_GATED(f32, float, kload_f32, f32_id)
+DEFINE_GATED(bf16, uint16_t, kload_bf16, bf16_to_f32)
 
 // Prefill: the prompt statistic's per-token contributions, in one pass over z.
 //
@@ -533,38 +793,7 @@ DEFINE_KEEP(bf16, uint16_t)
 
 // --- masked decode path, fused with the activation (contract: act_keep_reference) ---
 // z[t, j] = act(gate_up[t, j]) * gate_up[t, D + j] where masks[slots[t], j], else 0:
-// one pass in place of vLLM's act-and-mul calls plus the zeroing pass. SiLU and the
-// GELU tanh form are both g * sigmoid(a) (a = g, or a = 2 * sqrt(2/pi) * (g + 0.044715 g^3)),
-// with exp from a range reduction and a degree-7 polynomial (Cephes' expf,
-// within 2 ulp). The lane code and the scalar code do the same IEEE operations in
-// the same order, so a value's bits do not depend on its column or on AVX2.
-#define EXP_HI 88.3762626647949f
-#define EXP_LO -87.3365478515625f
-#define LOG2E 1.44269504088896341f
-#define LN2_HI 0.693359375f
-#define LN2_LO -2.12194440e-4f
-#define GELU_A 1.5957691216057308f   /* 2 * sqrt(2 / pi) */
-#define GELU_B 0.0713548162726009f   /* 2 * sqrt(2 / pi) * 0.044715 */
-static const float EXP_POLY[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
-                                  4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
-
-static inline float exp_scalar(float x) {
-    x = fminf(fmaxf(x, EXP_LO), EXP_HI);  // NaN stays NaN below: fmaf/arith propagate it
-    float n = nearbyintf(x * LOG2E);
-    float r = fmaf(-n, LN2_HI, x);
-    r = fmaf(-n, LN2_LO, r);
-    float p = EXP_POLY[0];
-    for (int i = 1; i < 6; i++) p = fmaf(p, r, EXP_POLY[i]);
-    p = fmaf(p, r * r, r) + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-static inline float gated_act_scalar(float g, float u, int act) {
-    float a = act == 0 ? g : g * fmaf(GELU_B, g * g, GELU_A);
-    return g / (1.0f + exp_scalar(-a)) * u;
-}
+// one pass in place of vLLM's act-and-mul calls plus the zeroing pass (gated_act_*, above).
 static inline uint16_t f32_to_bf16(float v) {  // round to nearest even, as torch
     uint32_t bits;
     memcpy(&bits, &v, sizeof bits);
@@ -575,24 +804,6 @@ static inline void store_f32(float* p, float v) { *p = v; }
 static inline void store_bf16(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 
 #ifdef GRIFFIN_AVX2
-static inline __m256 exp_lanes(__m256 x) {
-    // max/min return their second operand for NaN, so NaN passes through like fminf/fmaxf.
-    x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-    __m256 p = _mm256_set1_ps(EXP_POLY[0]);
-    for (int i = 1; i < 6; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_POLY[i]));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-static inline __m256 gated_act_lanes(__m256 g, __m256 u, int act) {
-    __m256 a = act == 0 ? g : _mm256_mul_ps(g, _mm256_fmadd_ps(_mm256_set1_ps(GELU_B), _mm256_mul_ps(g, g),
-                                                               _mm256_set1_ps(GELU_A)));
-    __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp_lanes(_mm256_sub_ps(_mm256_setzero_ps(), a)));
-    return _mm256_mul_ps(_mm256_div_ps(g, den), u);
-}
 static inline void store_lanes_f32(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 static inline void store_lanes_bf16(uint16_t* p, __m256 v) {  // f32_to_bf16 on 8 lanes
     __m256i bits = _mm256_castps_si256(v);

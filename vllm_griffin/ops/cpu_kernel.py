@@ -122,7 +122,14 @@ def _expert_call(x, weights: ExpertWeights, experts, counts):
 
 
 def experts_mlp_cpu(x, weights: ExpertWeights, experts, counts, activation: str, order: str) -> torch.Tensor:
-    """``order`` is "rows" (weights streamed per row) or "union" (once per step); same numbers."""
+    """Each row of x [T, H] through its own experts (``experts`` [T, K] ascending per row, the
+    first ``counts[t]`` of row t; contract: reference.experts_mlp_gather); [T, H] in x's dtype.
+
+    ``order`` "rows": row by row, each streaming its experts' weights (T = 1, 2); "union":
+    over the union U of the step's experts in blocks, each neuron's weights read from memory
+    once for all rows, then register-tiled micro-kernels doing only the rows' own products
+    (time ~ a + b * U + c * P, P = the rows' expert counts summed: benchmarks/cpu_kernels.py
+    --fit). Both orders give every row the same bits, whatever else is in the step."""
     args, alive, out = _expert_call(x, weights, experts, counts)  # `alive` holds what args point to
     experts = alive[1]
     fn = getattr(load(), f"griffin_experts_{order}_{_WEIGHT_SUFFIX[weights.gate.dtype]}")

@@ -32,7 +32,8 @@ from vllm_griffin.ops.reference import gated_keep_reference, keep_rows_reference
 class CostModel:
     """Predicted times in units of "the dense GEMM streaming one neuron's three weight rows".
 
-    dense = max(D, dense_compute * T * D)
+    dense = max(D, dense_compute * T * D)        (a GPU: streaming-bound until arithmetic-bound)
+            D * (1 + dense_compute * (T - 1))  (``dense_additive``: one CPU core streams, then computes)
     rows  = overhead + rows_stream * P                      (each row streams its experts)
     union = union_overhead + max(union_stream * U, union_compute * P)   (each used neuron once;
             the sum of the two terms where streaming and arithmetic do not overlap)
@@ -48,16 +49,18 @@ class CostModel:
     union_overhead: float | None = None   # None: the same as ``overhead``
     union_overlaps: bool = True     # a GPU hides loads behind arithmetic; one CPU core does one, then the other
     min_gain: float = 1.05          # predicted speed-up needed to leave vLLM's dense GEMM
+    dense_additive: bool = False    # dense = D * (1 + dense_compute * (T - 1)) (see above)
 
 
-# 2-core AVX2 CPU (AMD EPYC), fp32, one worker core, against vLLM's oneDNN GEMM; fitted to
-# benchmarks/results/cpu_kernels_{1b,smollm2}.json (`python benchmarks/cpu_kernels.py`, then
-# `--fit` on both files prints union_* and dense_compute; it gives rows_stream 0.68, kept at
-# 0.75 because SmolLM2's one-row cases run at 0.77-0.86). The union kernel's terms add up
-# (one core streams, then computes). min_gain 1.15: in the engine, small layers (SmolLM2) lose the predicted
-# gain of a few percent to the kernels' per-call cost, so near-ties stay on dense GEMMs.
-CPU_COST = CostModel(dense_compute=0.07, rows_stream=0.75, union_stream=1.0, union_compute=0.143,
-                     union_overlaps=False, min_gain=1.15)
+# One CPU worker core, fp32, against vLLM's oneDNN GEMM, for the register-tiled union kernel
+# (blocks of 16 neurons, each row's own neurons only): a conservative envelope of the per-shape
+# fits over SmolLM2, Qwen2.5-0.5B and the 1B Llama shape at T = 1-32 with trained-like overlap
+# (`python benchmarks/cpu_kernels.py --fit`; benchmarks/results/cpu_kernels_union_tiled*.json).
+# Dense grows additively with rows here (the max form cannot fit T = 4-16). Its terms add up
+# (one core streams, then computes). min_gain 1.10: small layers (SmolLM2) lose a few percent
+# of the predicted gain to the kernels' per-call cost in the engine, so near-ties stay dense.
+CPU_COST = CostModel(dense_compute=0.042, rows_stream=0.89, union_stream=0.82, union_compute=0.093,
+                     union_overhead=60.0, union_overlaps=False, min_gain=1.10, dense_additive=True)
 # H200, bf16, Llama-3-8B MLP, launches replayed from CUDA graphs; fitted to
 # benchmarks/results/h200_triton_experts.json: ~21 us + 0.89x dense's time per streamed
 # neuron for the per-row Triton kernel; cuBLAS stays ~96 us up to T = 8.
@@ -72,7 +75,9 @@ def cost_model(device: torch.device) -> CostModel:
 
 
 def predicted_times(rows: int, width: int, union: int, products: int, cost: CostModel) -> dict[str, float]:
-    times = {"dense": max(width, cost.dense_compute * rows * width),
+    dense = (width * (1 + cost.dense_compute * (rows - 1)) if cost.dense_additive
+             else max(width, cost.dense_compute * rows * width))
+    times = {"dense": dense,
              "rows": cost.overhead + cost.rows_stream * products}
     if cost.union_stream is not None and rows > 1:
         overhead = cost.overhead if cost.union_overhead is None else cost.union_overhead
