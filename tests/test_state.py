@@ -314,3 +314,36 @@ def test_default_is_gated_with_refresh_4_and_topk_keeps_the_paper():
     # Width 16 at 0.5: a budget of 8 neurons, a pool of 12 and 6 experts per token ((12 + 2 * 6) / 3 = 8).
     assert (d.method, d.refresh, d.k, d.token_k) == ("gated", 4, (12, 12), (6, 6))
     assert (t.method, t.refresh, t.token_k) == ("topk", 0, None) and (r.refresh, r.k) == (8, (8, 8))
+
+
+def test_a_gated_row_in_the_step_leaves_the_other_rows_their_experts():
+    """A decode step with a `gated` row beside a `topk` row: the per-layer k tables the kernels
+    read as contiguous int64 are contiguous, give each token its own request's values, and the
+    masked path keeps the `topk` row's whole expert set (a strided k table handed the `topk`
+    row the `gated` row's k: its decode ran on a per-token subset of its experts)."""
+    from vllm_griffin.ops import dispatch
+
+    state = make_state()
+    gated = {"griffin": {"method": "gated", "refresh": 0}}
+    rows = [StepRow("g", 6, 0, 6, gated), StepRow("t", 5, 0, 5), StepRow("g2", 4, 0, 4, gated)]
+    run_layers(state, state.plan_step(rows), torch.randn(15, WIDTH))
+    plan = state.plan_step([StepRow("g", 6, 6, 1, gated), StepRow("t", 5, 5, 1), StepRow("g2", 4, 4, 1, gated)])
+    g, t = state.requests["g"], state.requests["t"]
+    for layer in range(LAYERS):
+        ks, counts = plan.sparse_token_k[layer], plan.sparse_counts[layer]
+        assert ks.is_contiguous() and counts.is_contiguous()
+        assert ks.tolist() == [g.token_k[layer], 0, g.token_k[layer]] and counts.tolist() == [g.k[layer], t.k[layer],
+                                                                                              g.k[layer]]
+    act_and_mul = lambda x: torch.nn.functional.silu(x[:, :WIDTH]) * x[:, WIDTH:]  # noqa: E731
+    fn = dispatch.gated_masked_activation_fn(torch.device("cpu"), torch.float32, "silu", act_and_mul, True)
+    plain = dispatch.masked_activation_fn(torch.device("cpu"), torch.float32, "silu", act_and_mul)
+    gate_up = torch.randn(3, 2 * WIDTH)
+    for layer in range(LAYERS):
+        z = fn(gate_up, state.masks[layer], plan.sparse_slot, plan.sparse_token_k[layer])
+        alone = plain(gate_up[1:2], state.masks[layer], plan.sparse_slot[1:2])
+        assert torch.equal(z[1], alone[0])  # the topk row: all its experts, as without the gated rows
+        assert int((z[0] != 0).sum()) <= g.token_k[layer]  # the gated rows: k of their pool
+        # A strided k table (what the plan used to hand over) gives the same answer now.
+        strided = torch.stack([plan.sparse_token_k[layer], plan.sparse_token_k[layer]], dim=1)[:, 0]
+        assert not strided.is_contiguous()
+        assert torch.equal(fn(gate_up, state.masks[layer], plan.sparse_slot, strided), z)

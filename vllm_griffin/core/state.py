@@ -482,14 +482,15 @@ class GriffinState:
             plan.sparse_req_slots_host = list(dict.fromkeys(sparse_slots))
             plan.sparse_req_slots = to(plan.sparse_req_slots_host)
             # Per layer and token, in array ops (a Python loop over L x T costs ~0.3 ms a step).
-            k = np.array(sparse_k, dtype=np.int64).T  # [L, T]
+            # [L, T], C order: each layer's row is handed to the kernels as a contiguous array.
+            k = np.ascontiguousarray(np.array(sparse_k, dtype=np.int64).T)
             plan.sparse_kmax = k.max(axis=1).tolist()
             plan.sparse_ksum = k.sum(axis=1).tolist()
             # One host-to-device copy for all layers (rows of one [L, T] tensor).
             plan.sparse_counts = list(torch.from_numpy(k).to(self.device))
             if any(s.token_k is not None for s in distinct):
                 zeros = (0,) * self.num_layers
-                gk = np.array([s.token_k or zeros for s in sparse_req], dtype=np.int64).T  # [L, T]
+                gk = np.ascontiguousarray(np.array([s.token_k or zeros for s in sparse_req], dtype=np.int64).T)
                 plan.sparse_token_k = list(torch.from_numpy(gk).to(self.device))
                 # Per layer, for the cost model: weight rows the gated kernel reads (a gated row
                 # its pool's gates and k up and down rows; another row all three of its experts),

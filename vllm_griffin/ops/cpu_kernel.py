@@ -330,6 +330,9 @@ def gated_act_keep_unchecked(dtype: torch.dtype, activation: str):
             raise ValueError(f"gate_up needs unit column stride, got strides {gate_up.stride()}")
         rows, width = gate_up.shape[0], gate_up.shape[1] // 2
         z = torch.empty(rows, width, dtype=gate_up.dtype)
+        # The C pass reads ks[t] and slots[t] as contiguous int64: a strided view (a row of a
+        # transposed [L, T] table) would hand each row another row's k.
+        ks, slots = ks.to(torch.int64).contiguous(), slots.to(torch.int64).contiguous()
         fn(gate_up.data_ptr(), gate_up.stride(0), z.data_ptr(), width, masks.data_ptr(), masks.stride(0),
            slots.data_ptr(), ks.data_ptr(), rows, width, code)
         return z
