@@ -58,5 +58,18 @@ case "${1:-all}" in
             for m in smollm2-135m-instruct gemma-3-270m $QWEN; do combined chat --model $m --out $Q/chat_$m.json; done
             combined xsum --model smollm2-135m-instruct --start 40 --limit 160 --max-tokens 48 --max-model-len 4096 \
               --setting greedy --out $Q/xsum_rows40-199_smollm2-135m-instruct.json ;;
-  *) echo "unknown piece $1; allowed: humaneval-tune humaneval-heldout xsum-smollm2 xsum-gemma chat all" >&2; exit 2 ;;
+  # The cells of one shared engine (dense, topk, topk_magnitude, gated at 0.5), run again into the existing files:
+  # session 9 found (cd6d1be) that until then a gated row in a CPU step could give other rows the wrong k.
+  remeasure) for split in "0 tune" "82 heldout"; do set -- $split
+               griffin eval humaneval --model $QWEN --start "$1" --limit 82 --methods full,topk,topk_magnitude,gated \
+                 --densities 0.5 --chunk 512 --out $Q/humaneval_$2_$QWEN.json --append; done
+             for m in smollm2-135m-instruct gemma-3-270m; do
+               griffin eval xsum --model $m --start 40 --limit 160 --max-tokens 48 --max-model-len 4096 --setting greedy \
+                 --methods full,topk,topk_magnitude,gated --densities 0.5 --chunk 512 \
+                 --out $Q/xsum_rows40-199_$m.json --append; done
+             for m in smollm2-135m-instruct gemma-3-270m $QWEN; do
+               griffin eval chat --model $m --methods full,topk,topk_magnitude,gated --densities 0.5 --chunk 512 \
+                 --out $Q/chat_$m.json --append; done ;;
+  *) echo "unknown piece $1; allowed: humaneval-tune humaneval-heldout xsum-smollm2 xsum-gemma chat combined remeasure all" >&2
+     exit 2 ;;
 esac

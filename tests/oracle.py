@@ -155,7 +155,7 @@ def gated_sizes(density: float, width: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_new_tokens: int, *,
-                             method: str = "topk", refresh: int = 0,
+                             method: str = "topk", refresh: int = 0, loop_guard: int = 0,
                              forced: list[int] | None = None) -> OracleResult:
     """``topk`` or ``gated`` decode, optionally with refreshes, for gate/up MLPs (Llama, Qwen2, Gemma).
 
@@ -165,6 +165,10 @@ def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_n
     * ``refresh = R``: generated token g (g = 1, 2, ...; g = 0 is the first decode step)
       with g % R == 0 runs the full MLP; its contribution z^2/||z||^2, times R, joins the
       summed statistic, and the experts (pool) are the new top-k from the next token on.
+    * ``loop_guard = n``: generated token g also runs dense and refreshes when the n tokens
+      ending with it (g-n+1 .. g) already ended an earlier position of the output. Every
+      refresh's contribution counts as many times as tokens were generated since the last
+      one (R on the fixed schedule alone).
     * ``forced``: feed these tokens instead of the greedy ones (teacher forcing) and record
       each one's regret. ``gated`` ranks thousands of float32 gates per token, so near-ties
       at its top-k boundary are in nearly every token, and either side changes the logits a
@@ -190,6 +194,9 @@ def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_n
     pools = [torch.topk(s, top).indices.sort().values for s in sums]
     first_pools = [p.clone() for p in pools]
     dense_now = [False]
+    weight = [0]
+    last_refresh = 0
+    seen: dict[tuple[int, ...], int] = {}  # n-gram of the output -> the first index it ended at
     margins, selection_tie, regrets = [], None, []
 
     def take(logits: torch.Tensor, index: int) -> int:
@@ -203,7 +210,7 @@ def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_n
             flat = x.reshape(-1, x.shape[-1])
             if dense_now[0]:
                 z = mlp.act_fn(mlp.gate_proj(flat)) * mlp.up_proj(flat)
-                sums[i] = sums[i] + refresh * statistic_from_activations(z).square()
+                sums[i] = sums[i] + weight[0] * statistic_from_activations(z).square()
                 return mlp.down_proj(z).reshape(x.shape)
             pool = pools[i]
             gate = mlp.act_fn(flat @ mlp.gate_proj.weight[pool].t())
@@ -226,7 +233,13 @@ def griffin_generate_variant(model, prompt_ids: list[int], density: float, max_n
         past = out.past_key_values
         while len(tokens) < max_new_tokens:
             generated = len(tokens) - 1  # the token fed now
-            dense_now[0] = bool(refresh) and generated > 0 and generated % refresh == 0
+            looping = False
+            if loop_guard and generated >= loop_guard - 1:
+                gram = tuple(tokens[generated - loop_guard + 1: generated + 1])
+                looping = seen.setdefault(gram, generated) < generated
+            dense_now[0] = generated > 0 and (bool(refresh) and generated % refresh == 0 or looping)
+            if dense_now[0]:
+                weight[0], last_refresh = generated - last_refresh, generated
             out = model(torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
             past = out.past_key_values
             if dense_now[0]:

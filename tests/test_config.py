@@ -34,6 +34,8 @@ def test_defaults_and_values():
     ({"cuda_graphs": "yes"}, "cuda_graphs"), ({"cuda_graphs": 1}, "cuda_graphs"),
     ({"refresh": -1}, "refresh"), ({"refresh": 2.5}, "refresh"), ({"refresh": True}, "refresh"),
     ({"refresh": "8"}, "refresh"), ({"refresh": 10**7}, "refresh"), ({"refresh": math.inf}, "refresh"),
+    ({"loop_guard": 1}, "loop_guard"), ({"loop_guard": -4}, "loop_guard"), ({"loop_guard": 65}, "loop_guard"),
+    ({"loop_guard": 4.5}, "loop_guard"), ({"loop_guard": True}, "loop_guard"),
 ])
 def test_bad_engine_values(raw, key):
     with pytest.raises(GriffinConfigError, match=key) as info:
@@ -77,3 +79,6 @@ def test_refresh_engine_and_request_values():
     assert parse_request_options({"griffin": {"refresh": 4}}) == RequestOptions(refresh=4)
     assert parse_request_options({"griffin_refresh": "16"}).refresh == 16  # vllm_xargs strings
     assert not parse_request_options({"griffin": {"refresh": 0}}).is_default
+    assert parse_request_options({"griffin": {"loop_guard": 8}}) == RequestOptions(loop_guard=8)
+    assert parse_request_options({"griffin_loop_guard": "0"}).loop_guard == 0
+    assert GriffinConfig.from_additional_config({"griffin": {"loop_guard": 6.0}}).loop_guard == 6

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from vllm_griffin.core.algorithm import METHODS
 from vllm_griffin.core.config import (
     ENGINE_KEYS,
+    MAX_LOOP_GUARD,
     MAX_REFRESH,
     REQUEST_KEYS,
     TP_SELECTIONS,
@@ -81,6 +82,7 @@ junk = st.recursive(
 
 valid_density = st.one_of(st.floats(min_value=5e-324, max_value=1.0), st.just(1), st.sampled_from([0.5, 1.0, 0.25]))
 valid_refresh = st.one_of(st.integers(0, MAX_REFRESH), st.integers(0, MAX_REFRESH).map(float))
+valid_loop_guard = st.one_of(st.just(0), st.integers(2, MAX_LOOP_GUARD), st.integers(2, MAX_LOOP_GUARD).map(float))
 
 ENGINE_VALUES = {
     "density": st.one_of(valid_density, junk),
@@ -91,6 +93,7 @@ ENGINE_VALUES = {
     "tp_selection": st.one_of(st.sampled_from(TP_SELECTIONS), junk),
     "cuda_graphs": st.one_of(st.booleans(), junk),
     "refresh": st.one_of(valid_refresh, junk),
+    "loop_guard": st.one_of(valid_loop_guard, st.sampled_from([1, -2, MAX_LOOP_GUARD + 1, 2.5]), junk),
 }
 unknown_key = st.one_of(
     st.text(max_size=10).filter(lambda k: k not in ENGINE_KEYS),
@@ -118,6 +121,15 @@ def want_refresh(value: Any) -> Any:
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
         value = int(value)
     if not is_number(value) or not isinstance(value, int) or not 0 <= value <= MAX_REFRESH:
+        return REJECT
+    return value
+
+
+def want_loop_guard(value: Any) -> Any:
+    """docs/usage.md: 0 (off) or an integer 2 <= n <= 64 (JSON numbers such as 4.0 count as integers)."""
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        value = int(value)
+    if not is_number(value) or not isinstance(value, int) or not (value == 0 or 2 <= value <= MAX_LOOP_GUARD):
         return REJECT
     return value
 
@@ -152,7 +164,8 @@ def want_densities(value: Any) -> tuple[Any, str]:
 
 
 ENGINE_ORACLE = {"density": want_density, "method": want_method, "seed": want_seed,
-                 "tp_selection": want_tp_selection, "cuda_graphs": want_cuda_graphs, "refresh": want_refresh}
+                 "tp_selection": want_tp_selection, "cuda_graphs": want_cuda_graphs, "refresh": want_refresh,
+                 "loop_guard": want_loop_guard}
 
 
 def from_xargs_string(value: Any) -> Any:
@@ -167,6 +180,7 @@ def from_xargs_string(value: Any) -> Any:
 
 REQUEST_ORACLE = {"density": lambda v: want_density(from_xargs_string(v)),
                   "refresh": lambda v: want_refresh(from_xargs_string(v)),
+                  "loop_guard": lambda v: want_loop_guard(from_xargs_string(v)),
                   "method": want_method}
 
 
@@ -310,6 +324,7 @@ REQUEST_VALUES = {
     "density": st.one_of(valid_density, valid_density.map(repr), junk),
     "method": st.one_of(st.sampled_from(METHODS), junk),
     "refresh": st.one_of(valid_refresh, valid_refresh.map(lambda r: str(int(r))), junk),
+    "loop_guard": st.one_of(valid_loop_guard, valid_loop_guard.map(lambda r: str(int(r))), junk),
 }
 request_subset = st.dictionaries(st.sampled_from(REQUEST_KEYS), st.none(), max_size=3).flatmap(
     lambda keys: st.fixed_dictionaries({k: REQUEST_VALUES[k] for k in keys}))

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xsum_1shot_dev.jsonl"
 MAX_TOKENS = 24
 LAYERS = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18, "qwen2.5-coder-0.5b-instruct": 24}
-# Beyond the paper, per request in the same engines: (method, refresh), checked in batches and alone.
-VARIANTS = (("gated", 0), ("topk", 4), ("gated", 5))
+# Beyond the paper, per request in the same engines: (method, refresh, loop guard), checked in
+# batches and alone. A guard of 3 fires on these short texts (small models repeat at 0.5).
+VARIANTS = (("gated", 0, 0), ("topk", 4, 0), ("topk", 0, 3), ("gated", 5, 0))
 
 
 def prompts(tokenizer):
@@ -112,19 +113,21 @@ def test_trained_model_matches_oracle(engines, name, tmp_path_factory):
     # gated and refreshes: each of the engine's tokens is the oracle's greedy choice up to
     # float near-ties (the oracle, teacher-forced on them, picks per token from HF's own gate
     # outputs and recomputes the statistic in float64).
-    for method, refresh in VARIANTS:
+    for method, refresh, guard in VARIANTS:
+        options = {"density": 0.5, "method": method, "refresh": refresh, "loop_guard": guard}
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
-                                extra_args={"griffin": {"density": 0.5, "method": method, "refresh": refresh}})
+                                extra_args={"griffin": options})
         # The whole batch once (four rows a step: vLLM's GEMMs with per-row masks, or the
         # gated kernel in union order), else two rows; alone, one row a step (the gated kernel).
-        together = batch if refresh == 0 else batch[:2]
+        together = batch if refresh == guard == 0 else batch[:2]
         got = llm.generate([TokensPrompt(prompt_token_ids=p) for p in together], params, use_tqdm=False)
         got += llm.generate([TokensPrompt(prompt_token_ids=batch[1])], params, use_tqdm=False)
         for i, (prompt, out) in enumerate(zip(together + batch[1:2], got)):
             tokens = list(out.outputs[0].token_ids)
             want = griffin_generate_variant(model, prompt, 0.5, MAX_TOKENS, method=method, refresh=refresh,
+                                            loop_guard=guard,
                                             forced=tokens)
-            assert_greedy_under_oracle(want, f"{name} {method} refresh={refresh} prompt {i}", tokenizer, tokens)
+            assert_greedy_under_oracle(want, f"{name} {options} prompt {i}", tokenizer, tokens)
     # The check can fail: the last variant's texts (gated, refresh 5) are not all greedy
     # under the paper's topk. Checked on one model: the oracle runs are the test's cost.
     if name == "smollm2-135m-instruct":
@@ -139,5 +142,6 @@ def test_trained_model_matches_oracle(engines, name, tmp_path_factory):
         assert failed > 0
     stats = llm.collective_rpc("griffin_stats")[0]
     assert stats["refresh_tokens"] >= 2 * (MAX_TOKENS - 2) // 4  # refreshes happened
+    assert stats["loop_guard_tokens"] > 0  # and the loop guard's
     paths = stats["decode_paths"]
     assert paths.get("gated_rows", 0) > 0 and paths.get("masked", 0) + paths.get("gated_union", 0) > 0, paths

@@ -288,6 +288,73 @@ def test_recompute_of_a_refreshing_request_runs_each_token_as_it_first_ran(resum
     state.check_invariants()
 
 
+def test_loop_guard_refreshes_where_the_output_repeats_itself_and_a_recompute_replays_it():
+    """loop_guard=n: a generated token whose last n output tokens already ended an earlier
+    output position runs the full MLP and refreshes, weighted by the tokens generated since
+    the last refresh; a recompute after preemption runs those tokens dense again, uncounted,
+    and its other tokens on the experts they first ran on."""
+    P = 5
+    # Output bigrams: (7, 8) ends at index 1, again at 4 and at 9: the guard (n = 2) fires there.
+    out = [7, 8, 9, 7, 8, 1, 2, 3, 7, 8, 4]
+    tokens = torch.tensor([100, 101, 102, 103, 104] + out).numpy()
+    state = make_state(loop_guard=2)
+    prompt = torch.randn(P, WIDTH)
+    run_layers(state, state.plan_step([StepRow("a", P, 0, P, token_ids=tokens)]), prompt)
+    req = state.requests["a"]
+    assert (req.refresh, req.loop_guard, req.refreshing) == (0, 2, True) and req.acc_slot is not None
+    stat = [statistic_from_activations(prompt * (layer + 1)).square() for layer in range(LAYERS)]
+    first_ran = {}
+    for pos in range(P, P + len(out)):
+        plan = state.plan_step([StepRow("a", P, pos, 1, token_ids=tokens)])
+        if pos - P in (4, 9):
+            assert [(s.req_id, p) for s, _, p in plan.refreshes] == [("a", pos)], pos
+            z = torch.randn(1, WIDTH)
+            run_layers(state, plan, z)
+            since = 4 if pos - P == 4 else 5
+            for layer in range(LAYERS):
+                stat[layer] = stat[layer] + since * statistic_from_activations(z * (layer + 1)).square()
+                want = torch.topk(stat[layer], WIDTH // 2).indices.sort().values
+                assert state.experts_of("a")[layer].tolist() == want.tolist()
+            first_ran[pos] = "dense"
+        else:
+            assert not plan.refreshes and plan.sparse_idx.tolist() == [0], pos
+            first_ran[pos] = state.masks[:, plan.sparse_slot[0]].clone()
+            run_layers(state, plan, torch.randn(1, WIDTH))
+    assert state.refresh_tokens == 2 and state.loop_guard_tokens == 2
+    assert req.refresh_positions == [P + 4, P + 9] and req.epoch_starts == [P, P + 5]
+    acc = state.acc[:, req.acc_slot].clone()
+    # Preempted, recomputed from 0: the guard's tokens run dense, nothing is counted twice.
+    end = P + len(out)
+    plan = state.plan_step([StepRow("a", P, 0, end, token_ids=tokens)])
+    assert plan.capture_pos is None and not plan.refreshes and not plan.finishing
+    dense, sparse = set(plan.dense_idx.tolist()), dict(zip(plan.sparse_idx.tolist(), plan.sparse_slot.tolist()))
+    for pos in range(P, end):
+        if first_ran[pos] == "dense":
+            assert pos in dense and pos not in sparse, pos
+        else:
+            assert torch.equal(state.masks[:, sparse[pos]], first_ran[pos]), pos
+    run_layers(state, plan, torch.randn(end, WIDTH))
+    assert torch.equal(state.acc[:, req.acc_slot], acc) and state.refresh_tokens == 2
+    state.check_invariants()
+    # With a fixed schedule too (refresh 3): both fire, each weighted by the tokens since the last.
+    state = make_state(loop_guard=2, refresh=3)
+    run_layers(state, state.plan_step([StepRow("b", P, 0, P, token_ids=tokens)]), prompt)
+    fired = []
+    for pos in range(P, end):
+        plan = state.plan_step([StepRow("b", P, pos, 1, token_ids=tokens)])
+        fired += [p - P for _, _, p in plan.refreshes]
+        run_layers(state, plan, torch.randn(1, WIDTH))
+    assert fired == [3, 4, 6, 9] and state.loop_guard_tokens == 1  # 9 is on the schedule too
+
+
+def test_loop_guard_is_off_where_the_runner_shows_no_token_ids():
+    state = make_state(loop_guard=4)
+    state.token_ids_visible = False  # asynchronous scheduling, Model Runner V2
+    run_layers(state, state.plan_step([StepRow("a", 4, 0, 4)]), torch.randn(4, WIDTH))
+    assert state.requests["a"].loop_guard == 0 and not state.requests["a"].refreshing
+    assert state.acc_slots.in_use == 0
+
+
 def test_refresh_is_per_request_and_off_for_dense_and_static_methods():
     state = make_state()
     rows = [StepRow("r", 4, 0, 4, {"griffin": {"refresh": 2}}), StepRow("p", 4, 0, 4),

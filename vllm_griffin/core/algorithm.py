@@ -18,6 +18,8 @@ Vocabulary used across the package:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 METHODS = ("topk", "magnitude", "random", "sample", "topk_sample", "topk_down", "topk_down_first_dense",
@@ -48,6 +50,12 @@ MAGNITUDE_PRIOR_WEIGHT = 0.5
 REFRESH_DECAY = 1.0
 # A method's refresh interval when neither the engine config nor the request sets one.
 DEFAULT_REFRESH = {"gated": 4}
+# Loop guard (GriffinConfig.loop_guard = n): a generated token whose last n output tokens
+# already appeared, in that order, earlier in the output also refreshes. Stale experts make
+# small models repeat themselves; a refresh there is a dense token and experts chosen from
+# the text as it now is. Each refresh's contribution is weighted by the generated tokens
+# it stands for (those since the last refresh), so the fixed schedule alone weighs R.
+DEFAULT_LOOP_GUARD: dict[str, int] = {}
 # Methods that move experts between layers (same total, so the same decode cost).
 FIRST_LAYER_METHODS = frozenset({"topk_down_first_dense"})
 
@@ -239,3 +247,25 @@ def _sample(weights: torch.Tensor, n: int, generator: torch.Generator | None) ->
     # Sample on the CPU so a seeded CPU generator gives the same experts on any device.
     idx = torch.multinomial(weights.cpu(), n, replacement=False, generator=generator)
     return idx.to(weights.device)
+
+
+class RepeatFinder:
+    """Finds where an output starts repeating itself: ``repeats(out, g)`` says whether the
+    ``n`` tokens ending at output index ``g`` already ended at an earlier index.
+
+    Each n-gram keeps the first index it ended at, so asking again about an index (a
+    recompute after preemption) gives the same answer; indexes are read in order, once."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.first_end: dict[tuple[int, ...], int] = {}
+        self.upto = n - 2  # the last output index read
+
+    def repeats(self, out: Sequence[int], g: int) -> bool:
+        n = self.n
+        for i in range(self.upto + 1, g + 1):
+            self.first_end.setdefault(tuple(int(t) for t in out[i - n + 1: i + 1]), i)
+        self.upto = max(self.upto, g)
+        if g < n - 1:
+            return False
+        return self.first_end[tuple(int(t) for t in out[g - n + 1: g + 1])] < g

@@ -12,14 +12,16 @@ from typing import Any
 from vllm_griffin.core.algorithm import METHODS
 
 CONFIG_KEY = "griffin"
-ENGINE_KEYS = ("density", "method", "densities", "seed", "tp_selection", "cuda_graphs", "refresh")
+ENGINE_KEYS = ("density", "method", "densities", "seed", "tp_selection", "cuda_graphs", "refresh", "loop_guard")
 # Tensor parallelism: "global" = the exact top-k over all ranks' neurons (what one
 # device selects); "per_rank" = floor(density * D/tp) from each rank's own slice.
 TP_SELECTIONS = ("global", "per_rank")
-REQUEST_KEYS = ("density", "method", "refresh")
+REQUEST_KEYS = ("density", "method", "refresh", "loop_guard")
 # Refresh intervals above this are "never" for any real generation; a bound keeps
 # typos (1e18) out of the arithmetic.
 MAX_REFRESH = 1_000_000
+# A loop guard matches repeated runs of this many output tokens at most.
+MAX_LOOP_GUARD = 64
 # Flat spelling for the OpenAI server's `vllm_xargs`, which only carries scalars.
 FLAT_PREFIX = "griffin_"
 
@@ -74,6 +76,15 @@ def check_refresh(value: Any, key: str, where: str) -> int:
     return value
 
 
+def check_loop_guard(value: Any, key: str, where: str) -> int:
+    allowed = f"0 (off) or an integer 2 <= loop_guard <= {MAX_LOOP_GUARD} (tokens in a repeat)"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 2 <= value <= MAX_LOOP_GUARD):
+        raise GriffinConfigError(key, value, allowed, where)
+    return value
+
+
 @dataclass(frozen=True)
 class GriffinConfig:
     density: float = 0.5
@@ -93,6 +104,10 @@ class GriffinConfig:
     # the statistic and the experts are re-selected (0: the paper, prompt only). None: the
     # method's own default (algorithm.DEFAULT_REFRESH: 4 for gated, 0 for the others).
     refresh: int | None = None
+    # Also refresh at a generated token whose last `loop_guard` tokens repeat an earlier run
+    # of the output (the output has started to loop; 0: never). None: the method's default
+    # (algorithm.DEFAULT_LOOP_GUARD).
+    loop_guard: int | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> GriffinConfig | None:
@@ -138,6 +153,8 @@ class GriffinConfig:
             kwargs["cuda_graphs"] = raw["cuda_graphs"]
         if "refresh" in raw:
             kwargs["refresh"] = check_refresh(raw["refresh"], "refresh", where)
+        if "loop_guard" in raw:
+            kwargs["loop_guard"] = check_loop_guard(raw["loop_guard"], "loop_guard", where)
         return cls(**kwargs)
 
     def check_num_layers(self, num_layers: int) -> None:
@@ -157,10 +174,11 @@ class RequestOptions:
     density: float | None = None
     method: str | None = None
     refresh: int | None = None
+    loop_guard: int | None = None
 
     @property
     def is_default(self) -> bool:
-        return self.density is None and self.method is None and self.refresh is None
+        return self.density is None and self.method is None and self.refresh is None and self.loop_guard is None
 
 
 def parse_request_options(extra_args: Mapping[str, Any] | None) -> RequestOptions:
@@ -192,7 +210,8 @@ def parse_request_options(extra_args: Mapping[str, Any] | None) -> RequestOption
             allowed = ", ".join(FLAT_PREFIX + k for k in REQUEST_KEYS)
             raise GriffinConfigError(flat_key, value, "keys " + allowed, where)
         flat[key] = (flat_key, value)
-    checks = {"refresh": check_refresh, "density": check_density, "method": check_method}
+    checks = {"refresh": check_refresh, "loop_guard": check_loop_guard, "density": check_density,
+              "method": check_method}
     parsed: dict[str, Any] = {}
     for key, check in checks.items():
         # Each spelling is checked on its own, so an error names the field that holds the bad value.

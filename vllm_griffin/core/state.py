@@ -60,6 +60,9 @@ class StepRow:
     # KV block ids of the request (prefix caching on, while its prompt runs): the
     # per-block statistic rows its prompt tokens fill, or a cache hit reads.
     block_ids: Sequence[int] | None = None
+    # The row's token ids, prompt then output, at least up to the last scheduled position
+    # (a view of the runner's array; read only for requests with a loop guard).
+    token_ids: Sequence[int] | None = None
 
 
 @dataclass
@@ -77,6 +80,7 @@ class RequestState:
     # Experts per layer that selection picks (the global k under TP's global top-k).
     select_k: tuple[int, ...] = ()
     refresh: int = 0             # a dense, captured token every `refresh` generated tokens (0: never)
+    loop_guard: int = 0          # also refresh where the output's last `loop_guard` tokens repeat (0: never)
     # `gated`: experts each token keeps per layer, within its pool (the table's k); None otherwise.
     token_k: tuple[int, ...] | None = None
     refreshed: int = -1          # position of the last token captured for a refresh
@@ -89,6 +93,14 @@ class RequestState:
     # the host, k per layer), oldest first; a recompute after preemption reads them.
     epoch_start: int = 0
     past_epochs: list = field(default_factory=list)
+    epoch_starts: list = field(default_factory=list)  # the past epochs' first positions
+    refresh_positions: list = field(default_factory=list)  # ascending
+    repeats: algorithm.RepeatFinder | None = None  # the loop guard's n-grams of the output
+
+    @property
+    def refreshing(self) -> bool:
+        """Refreshes may happen: the request keeps its statistic and its earlier experts."""
+        return bool(self.refresh or self.loop_guard)
 
 
 @dataclass(frozen=True)
@@ -238,7 +250,12 @@ class GriffinState:
         self.restarts = 0
         self.multi_token_decode_rows = 0
         self.refresh_tokens = 0  # generated tokens run dense for a refresh
+        self.loop_guard_tokens = 0  # those of them that the loop guard called (off the fixed schedule)
         self._warned_gated = False
+        # The runner hands each step's token ids (the loop guard reads the output); False
+        # where it cannot (asynchronous scheduling, Model Runner V2): no loop guard then.
+        self.token_ids_visible = True
+        self._warned_guard = False
         self.slots = SlotPool(max(1, max_seqs))
         self._lent_slots: list[int] = []  # table slots lent to one step (_replay_slot)
         self._lent_acc: list[int] = []    # accumulator slots lent to one step (_scratch_slot)
@@ -322,8 +339,17 @@ class GriffinState:
         refresh = opts.refresh if opts.refresh is not None else self.config.refresh
         if refresh is None:
             refresh = algorithm.DEFAULT_REFRESH.get(method, 0)
+        loop_guard = opts.loop_guard if opts.loop_guard is not None else self.config.loop_guard
+        if loop_guard is None:
+            loop_guard = algorithm.DEFAULT_LOOP_GUARD.get(method, 0)
         if dense or method not in algorithm.PROMPT_METHODS:
-            refresh = 0  # nothing to refresh: no experts, or experts that ignore the text
+            refresh = loop_guard = 0  # nothing to refresh: no experts, or experts that ignore the text
+        if loop_guard and not self.token_ids_visible:
+            if not self._warned_guard:
+                logger.warning("GRIFFIN: this runner does not show the output's token ids before a step "
+                               "(asynchronous scheduling or Model Runner V2): no loop guard (first: %s)", row.req_id)
+                self._warned_guard = True
+            loop_guard = 0
         slot = self._acquire_table_slot()
         # The global top-k under TP selects over every rank's neurons.
         select_width = self.full_width if self.global_tp else self.width
@@ -345,6 +371,8 @@ class GriffinState:
             dense=dense,
             seed=self.config.seed if row.seed is None else row.seed,
             refresh=refresh,
+            loop_guard=loop_guard,
+            repeats=algorithm.RepeatFinder(loop_guard) if loop_guard else None,
             token_k=token_k,
         )
         self.requests[row.req_id] = state
@@ -449,14 +477,14 @@ class GriffinState:
                     plan.finishing.append(state)
             if end > state.prompt_len:  # generated tokens: the request's experts
                 for pos in range(max(start, state.prompt_len), end):
-                    if state.refresh and self._refresh_due(state, pos):
+                    if state.refreshing and self._refresh_due(state, pos, row.token_ids):
                         # The full MLP for this token, its statistic into a scratch slot
                         # that finish_step folds into the request's accumulator.
                         scratch = self._scratch_slot()
                         caps.add_token(len(dense_idx), scratch)
                         plan.refreshes.append((state, scratch, pos))
                         dense_idx.append(offset + pos - start)
-                    elif state.refresh and self._refreshed_before(state, pos):
+                    elif state.refreshing and self._refreshed_before(state, pos):
                         # A recompute after preemption: this token refreshed when it first ran
                         # (full MLP, already counted); it runs the same way, uncounted.
                         dense_idx.append(offset + pos - start)
@@ -499,22 +527,31 @@ class GriffinState:
                 plan.sparse_gated_kept = np.where(gk > 0, gk, k).sum(axis=1).tolist()
         return plan
 
-    def _refresh_due(self, state: RequestState, pos: int) -> bool:
+    def _refresh_due(self, state: RequestState, pos: int, token_ids: Sequence[int] | None) -> bool:
         """Whether the generated token at ``pos`` refreshes: every ``refresh``-th one after
-        the first, once per position (tokens recomputed after a preemption were counted)."""
+        the first, and (loop guard) one that repeats an earlier run of the output; once per
+        position (tokens recomputed after a preemption were counted)."""
         generated = pos - state.prompt_len
-        return (state.selected and pos > state.refreshed and generated > 0
-                and generated % state.refresh == 0)
+        if not state.selected or pos <= state.refreshed or generated <= 0:
+            return False
+        if state.refresh and generated % state.refresh == 0:
+            return True
+        if state.repeats is None:
+            return False
+        if token_ids is None:
+            raise RuntimeError(f"GRIFFIN: request {state.req_id} has a loop guard, but its step row "
+                               "carries no token ids")
+        return state.repeats.repeats(token_ids[state.prompt_len: pos + 1], generated)
 
     def _refreshed_before(self, state: RequestState, pos: int) -> bool:
         """Whether the generated token at ``pos`` refreshed when it first ran."""
-        generated = pos - state.prompt_len
-        return 0 < generated and pos <= state.refreshed and generated % state.refresh == 0
+        i = bisect.bisect_left(state.refresh_positions, pos)
+        return i < len(state.refresh_positions) and state.refresh_positions[i] == pos
 
     def _replay_slot(self, replays: dict, state: RequestState, pos: int) -> tuple[int, tuple[int, ...]]:
         """A table slot holding the experts the token at ``pos`` first ran on (an earlier
         stretch of a refreshing request's output), lent until the step ends; and their k."""
-        starts = [first for first, _, _ in state.past_epochs]
+        starts = state.epoch_starts
         epoch = bisect.bisect_right(starts, pos) - 1
         if epoch < 0:
             raise RuntimeError(f"GRIFFIN: request {state.req_id} recomputes position {pos}, "
@@ -809,16 +846,21 @@ class GriffinState:
         refreshed = []
         for state, scratch, pos in plan.refreshes:
             self.refresh_tokens += 1
+            if not state.refresh or (pos - state.prompt_len) % state.refresh:
+                self.loop_guard_tokens += 1
             if state.req_id not in self.requests:  # released meanwhile: nothing to fold into
                 continue
-            # decay * what it had + the token, standing for the `refresh` tokens since the last one.
-            self.acc[:, state.acc_slot].mul_(algorithm.REFRESH_DECAY).add_(self.acc[:, scratch], alpha=state.refresh)
+            # decay * what it had + the token, standing for the tokens generated since the last one.
+            since = pos - (state.refreshed if state.refreshed >= state.prompt_len else state.prompt_len)
+            self.acc[:, state.acc_slot].mul_(algorithm.REFRESH_DECAY).add_(self.acc[:, scratch], alpha=since)
             state.refreshed = pos
+            state.refresh_positions.append(pos)
             refreshed.append(state)
         self._return_lent_slots()
         for state in refreshed:
             # The experts that ran until now, kept for a recompute after preemption.
             state.past_epochs.append((state.epoch_start, self._packed_experts(state), state.k))
+            state.epoch_starts.append(state.epoch_start)
             state.epoch_start = state.refreshed + 1
         for state in plan.finishing:
             state.epoch_start = state.prompt_len
@@ -840,7 +882,7 @@ class GriffinState:
                     statistic = self.acc[:, state.acc_slot].cpu().clone()
                 self.export(state, [idx.sort().values.to(torch.int32).cpu() for idx in chosen[state.req_id]],
                             statistic)
-            if not state.refresh:  # a refreshing request keeps its statistic
+            if not state.refreshing:  # a refreshing request keeps its statistic
                 self._free_acc(state)
 
     def _packed_experts(self, state: RequestState) -> np.ndarray:

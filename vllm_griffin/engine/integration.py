@@ -350,6 +350,7 @@ class _GriffinWorkerMixin:
             "restarts": state.restarts,
             "multi_token_decode_rows": state.multi_token_decode_rows,
             "refresh_tokens": state.refresh_tokens,
+            "loop_guard_tokens": state.loop_guard_tokens,
             "prefix_hits": state.prefix_hits,
             "prefix_hit_tokens": state.prefix_hit_tokens,
         }
@@ -392,6 +393,8 @@ class GriffinRunnerMixin:
         self.griffin = getattr(self.get_model(), "griffin_state", None)
         if self.griffin is None:
             raise compat_error("GRIFFIN's model class in the model registry")
+        # With asynchronous scheduling the host copy of a step's input tokens holds placeholders.
+        self.griffin.token_ids_visible = not getattr(self, "use_async_scheduling", False)
         return result
 
     def _model_forward(self, *args, **kwargs):
@@ -468,6 +471,7 @@ def _step_rows(runner):
     num_reqs = batch.num_reqs
     starts = runner.query_start_loc.np[: num_reqs + 1]
     block_stats = runner.griffin.block_stats is not None
+    token_ids = batch.token_ids_cpu if runner.griffin.token_ids_visible else None
     rows = []
     for i, req_id in enumerate(batch.req_ids[:num_reqs]):
         req = runner.requests[req_id]
@@ -482,5 +486,6 @@ def _step_rows(runner):
             seed=getattr(params, "seed", None),
             # Only prompt rows read or fill per-block statistic rows.
             block_ids=req.block_ids[0] if block_stats and computed < prompt_len else None,
+            token_ids=None if token_ids is None else token_ids[i],
         ))
     return rows

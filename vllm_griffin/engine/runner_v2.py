@@ -44,6 +44,7 @@ class GriffinModelStateMixin:
     def __init__(self, vllm_config, model, *args, **kwargs):
         super().__init__(vllm_config, model, *args, **kwargs)
         self.griffin = model.griffin_state
+        self.griffin.token_ids_visible = False  # the loop guard would need the output's token ids
         self.griffin_requests: dict[str, _Request] = {}
         self._griffin_plan = None
         compilation = vllm_config.compilation_config

@@ -40,11 +40,11 @@ from vllm_griffin.tools.eval_common import (
     cli_runner,
     group_cells,
     load_previous,
-    merge_samples,
     method_label,
     parse_list,
     parse_request_options,
     plan_jobs,
+    record_run,
     resolve_model,
     run_info,
     sampling_params,
@@ -208,8 +208,7 @@ def run_chat(args: argparse.Namespace) -> dict:
                       f" (answers of at least {MIN_TOKENS} tokens)",
         "rouge": "rougeL_vs_full: rouge-score ROUGE-L F-measure x100 against the dense answer, use_stemmer=True",
         "runs": [], "samples": []}
-    merge_samples(result, samples, run)
-    result["summary"] = summarize(result["samples"])
+    record_run(result, samples, run, summarize)
     write_outputs(result, out, args.plot)
     return result
 

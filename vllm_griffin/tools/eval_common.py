@@ -363,6 +363,15 @@ def merge_samples(result: dict, samples: list[dict], run: dict, fields: tuple[st
     return result
 
 
+def record_run(result: dict, samples: list[dict], run: dict, summarize: Callable[[list[dict]], list[dict]],
+               fields: tuple[str, ...] = ()) -> dict:
+    """Every eval's last step before writing: merge the run's samples into ``result`` and
+    summarize all of its cells again."""
+    merge_samples(result, samples, run, fields)
+    result["summary"] = summarize(result["samples"])
+    return result
+
+
 
 # -- outputs ---------------------------------------------------------------------------
 

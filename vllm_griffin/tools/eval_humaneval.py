@@ -49,11 +49,11 @@ from vllm_griffin.tools.eval_common import (
     cli_runner,
     group_cells,
     load_previous,
-    merge_samples,
     method_label,
     parse_list,
     parse_request_options,
     plan_jobs,
+    record_run,
     resolve_model,
     run_info,
     sampling_params,
@@ -298,8 +298,7 @@ def run_humaneval(args: argparse.Namespace) -> dict:
         "pass_rule": "prompt + completion + test + check(entry_point) runs in a fresh process and the harness "
                      "reports this run's nonce after check() returned",
         "runs": [], "samples": []}
-    merge_samples(result, samples, run)
-    result["summary"] = summarize(result["samples"])
+    record_run(result, samples, run, summarize)
     write_outputs(result, out, args.plot)
     return result
 

@@ -42,13 +42,13 @@ from vllm_griffin.tools.eval_common import (
     cli_runner,
     load_previous,
     load_rows,
-    merge_samples,
     method_label,
     method_order,
     parse_list,
     parse_request_options,
     per_request_seeds_work,
     plan_jobs,
+    record_run,
     resolve_data,
     resolve_model,
     rouge_scores,
@@ -98,8 +98,7 @@ def run_xsum(args: argparse.Namespace) -> dict:
         "model": args.model, "data": str(data), "rows": [rows[0]["index"], rows[-1]["index"]],
         "max_tokens": args.max_tokens, "dtype": args.dtype, "seed": args.seed, "settings": SETTINGS,
         "stop": STOP, "rouge": "rouge-score F-measure x100, use_stemmer=True", "runs": [], "samples": []}
-    merge_samples(result, samples, run, ("setting",))
-    result["summary"] = summarize(result["samples"])
+    record_run(result, samples, run, summarize, ("setting",))
     write_outputs(result, out, args.plot)
     return result
 
