@@ -70,6 +70,19 @@ case "${1:-all}" in
              for m in smollm2-135m-instruct gemma-3-270m $QWEN; do
                griffin eval chat --model $m --methods full,topk,topk_magnitude,gated --densities 0.5 --chunk 512 \
                  --out $Q/chat_$m.json --append; done ;;
-  *) echo "unknown piece $1; allowed: humaneval-tune humaneval-heldout xsum-smollm2 xsum-gemma chat combined remeasure all" >&2
+  # Tuning the loop guard (session 10) on the tuning splits only: chat prompts 0-23 of every model,
+  # then HumanEval 0-81; `gated` + refresh 4 with guards of 4 and 8 tokens beside none.
+  loop-guard-tune)
+    for m in gemma-3-270m smollm2-135m-instruct $QWEN; do
+      out=$Q/tune_loop_guard_chat_$m.json
+      griffin eval chat --model $m --split tune --methods full,gated --densities 0.5 --chunk 512 \
+        --request-options '{"refresh": 4, "loop_guard": 0}' --out $out
+      for n in 4 8; do
+        griffin eval chat --model $m --split tune --methods gated --densities 0.5 --chunk 512 \
+          --request-options "{\"refresh\": 4, \"loop_guard\": $n}" --out $out --append; done; done
+    for n in 4 8; do
+      griffin eval humaneval --model $QWEN --start 0 --limit 82 --methods gated --densities 0.5 --chunk 512 \
+        --request-options "{\"refresh\": 4, \"loop_guard\": $n}" --out $Q/humaneval_tune_$QWEN.json --append; done ;;
+  *) echo "unknown piece $1; allowed: humaneval-tune humaneval-heldout xsum-smollm2 xsum-gemma chat combined remeasure loop-guard-tune all" >&2
      exit 2 ;;
 esac

@@ -131,6 +131,41 @@ def refreshed(stats, dense_z, interval: int, decay: float, k: int):
     return edit
 
 
+def allocate(stats: torch.Tensor, share: float, low: float, high: float) -> list[int]:
+    """Per-layer budgets summing to ``share * D`` per layer on average: the neurons of largest
+    share of their layer's statistic across all layers (each layer's statistic sums to the
+    prompt's token count, so shares compare across layers), each layer kept within
+    ``[low * D, high * D]``."""
+    layers, width = stats.shape
+    shares = stats / stats.sum(dim=1, keepdim=True)
+    total, lo, hi = int(share * width) * layers, int(low * width), int(high * width)
+
+    def counts(tau: float) -> list[int]:
+        return [min(hi, max(lo, int((row >= tau).sum()))) for row in shares]
+
+    a, b = 0.0, float(shares.max())
+    for _ in range(60):  # bisection on the share threshold: more neurons below it
+        mid = (a + b) / 2
+        a, b = (a, mid) if sum(counts(mid)) < total else (mid, b)
+    return counts(b)
+
+
+def gated_layers(budgets: list[int], stats: torch.Tensor):
+    """``gated`` with a per-layer budget: pool 1.5 b, k = (3 b - pool) / 2 per layer."""
+    width = stats.shape[1]
+    pools, ks = [], []
+    for b_l, s in zip(budgets, stats):
+        pool = min(width, int(1.5 * b_l))
+        pools.append(torch.zeros(width, dtype=torch.bool).index_fill_(0, torch.topk(s, pool).indices, True))
+        ks.append(max(1, min(pool, (3 * b_l - pool) // 2)))
+
+    def edit(layer, mlp, z, x):
+        g = mlp.act_fn(mlp.gate_proj(x)).float().abs().masked_fill(~pools[layer], -1.0)
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(ks[layer], dim=-1).indices, True)
+        return z * keep
+    return edit
+
+
 def candidates(screen: Screen, acts, stats, dense_z, weights) -> dict:
     width = screen.width
     half = width // 2
@@ -154,6 +189,11 @@ def candidates(screen: Screen, acts, stats, dense_z, weights) -> dict:
     for pool, k in ((1.0, 0.5), (0.75, 0.5), (1.0, 0.25), (0.6, 0.45), (0.675, 0.4125), (0.75, 0.375),
                     (0.825, 0.3375), (0.9, 0.3)):
         out[f"gate_p{pool}_k{k}"] = per_token(gate_act, int(k * width), pool_masks(pool))
+    # Per-layer budgets from the prompt (same total): layers whose statistic is spread out get more.
+    for low, high in ((0.25, 0.9), (0.4, 0.75)):
+        budgets = allocate(stats, 0.5, low, high)
+        out[f"alloc{low}-{high}_topk"] = static([torch.topk(s, b_l).indices for s, b_l in zip(stats, budgets)])
+        out[f"alloc{low}-{high}_gated"] = gated_layers(budgets, stats)
     for rank in (64, 128, 256):
         out[f"svd{rank}_gate"] = per_token(
             lambda layer, mlp, z, x, r=rank: mlp.act_fn(screen.lowrank(mlp, "gate_proj", r)(x)).abs(), half)

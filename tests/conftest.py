@@ -4,15 +4,15 @@ and hands the same one to every test that asks for the same settings."""
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import os
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+
+from vllm_griffin.tools.models import file_lock
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,14 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ENGINE_LOCK = os.environ.get("VLLM_GRIFFIN_ENGINE_LOCK", "/tmp/vllm-griffin-engine.lock")
 
 
-@contextmanager
 def engine_lock():
-    with open(ENGINE_LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(ENGINE_LOCK)
 
 
 def run_engine_command(engines, cmd, timeout=900, env=None, **kwargs):

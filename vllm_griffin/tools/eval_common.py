@@ -175,9 +175,9 @@ def griffin_extra(method: str, density: float, options: dict | None = None) -> d
     """A request's ``extra_args``: ``full`` is density 1.0 (vLLM's own MLP) and takes no options."""
     if method == FULL:
         return {"griffin": {"density": 1.0, "method": "topk"}}
-    # refresh 0 unless the options say otherwise: a cell is what its label says, whatever
-    # the engine's default refresh for the method (algorithm.DEFAULT_REFRESH).
-    return {"griffin": {"refresh": 0, **(options or {}), "density": density, "method": method}}
+    # No refresh and no loop guard unless the options say otherwise: a cell is what its label
+    # says, whatever the engine's defaults for the method (algorithm.DEFAULT_REFRESH, DEFAULT_LOOP_GUARD).
+    return {"griffin": {"refresh": 0, "loop_guard": 0, **(options or {}), "density": density, "method": method}}
 
 
 def options_label(options: dict | None) -> str:

@@ -138,7 +138,7 @@ def prepare_model(name: str, home: str | os.PathLike[str] | None = None) -> Path
         return final
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(final.parent / f".{name}.lock"):
+    with file_lock(final.parent / f".{name}.lock"):
         if _is_complete(final):  # another process built it while we waited
             return final
         for stale in final.parent.glob(f".{name}.tmp-*"):  # leftovers of killed builds
@@ -186,8 +186,9 @@ def _is_complete(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Inter-process lock so two processes don't build the same model at once."""
+def file_lock(path: Path | str) -> Iterator[None]:
+    """An exclusive inter-process lock on ``path`` (fcntl): two processes don't build the same
+    model at once, and the tests run one engine at a time."""
     import fcntl
 
     with open(path, "a+") as fh:

@@ -38,14 +38,13 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from vllm_griffin.tools.server_process import ServerProcess
 
 WORDS = ("the river model cache token server layer expert neuron prompt answer quick brown fox jumps over "
          "lazy dog python function returns value every night stars shine above quiet town people walk home "
@@ -55,7 +54,7 @@ METHODS = (None, "topk", "gated", "magnitude", "topk_magnitude")
 # As the OpenAI server takes them: flat `griffin_*` keys in `vllm_xargs` (a top-level
 # "griffin" object in the JSON body is not a field of vLLM's requests: vLLM ignores it).
 BAD_OPTIONS = ({"griffin_density": 7}, {"griffin_method": "bogus"}, {"griffin_densty": 0.5},
-               {"griffin_refresh": -1})
+               {"griffin_refresh": -1}, {"griffin_loop_guard": 1})
 
 
 @dataclass
@@ -142,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 # -- the server -------------------------------------------------------------------------
 
-class Server:
+class Server(ServerProcess):
     """``vllm serve MODEL --plugin griffin`` on a free loopback port, in its own session."""
 
     def __init__(self, args: argparse.Namespace):
@@ -151,53 +150,26 @@ class Server:
         model = str(prepare_model(args.model)) if args.model in MODELS else args.model
         exe = Path(sys.executable).with_name("vllm")
         plugin = [] if args.without_griffin else ["--plugin", "griffin"]
-        self.command = [str(exe) if exe.exists() else "vllm", "serve", model, *plugin,
-                        "--served-model-name", "soak", "--dtype", "float32", "--enforce-eager", "--seed", "0",
-                        "--block-size", "32", "--num-gpu-blocks-override", str(args.kv_blocks),
-                        "--max-model-len", str(32 * (args.kv_blocks - 1)), "--max-num-seqs", "64",
-                        "--disable-uvicorn-access-log",
-                        *args.server_arg]
-        self.log_path = Path(tempfile.gettempdir()) / f"vllm-griffin-soak-{os.getpid()}.log"
+        command = [str(exe) if exe.exists() else "vllm", "serve", model, *plugin,
+                   "--served-model-name", "soak", "--dtype", "float32", "--enforce-eager", "--seed", "0",
+                   "--block-size", "32", "--num-gpu-blocks-override", str(args.kv_blocks),
+                   "--max-model-len", str(32 * (args.kv_blocks - 1)), "--max-num-seqs", "64",
+                   "--disable-uvicorn-access-log", *args.server_arg]
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", **os.environ}
         # Every request's experts and statistic (VLLM_GRIFFIN_EXPORT_DIR): where a greedy answer
         # parts from its alone run, they tell a float near-tie in the selection from a fault.
         self.export_dir = None if args.without_griffin else Path(tempfile.mkdtemp(prefix="vllm-griffin-soak-experts-"))
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 600.0) -> Server:
-        import httpx
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", **os.environ}
         if self.export_dir is not None:
             env["VLLM_GRIFFIN_EXPORT_DIR"] = str(self.export_dir)
+        super().__init__(command, Path(tempfile.gettempdir()) / f"vllm-griffin-soak-{os.getpid()}.log", env)
+
+    def start(self, timeout: float = 600.0) -> Server:
         print(f"soak: starting {' '.join(self.command)} (log: {self.log_path})", flush=True)
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([*self.command, "--host", "127.0.0.1", "--port", str(self.port)],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout:.0f} s; log: {self.log_path}")
+        super().start(timeout)
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # vLLM's clean shutdown, engine core included
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        super().stop()
         if self.export_dir is not None:
             shutil.rmtree(self.export_dir, ignore_errors=True)
 
