@@ -221,9 +221,11 @@ def _cells(path: Path) -> dict[tuple, dict]:
 def _label(method: str, density: float, options: str) -> str:
     if density == 1.0:
         return "dense"
-    refresh = json.loads(options).get("refresh")
-    # The evaluations send refresh 0 unless asked, so a plain `gated` cell ran without its default refresh.
+    refresh, guard = json.loads(options).get("refresh"), json.loads(options).get("loop_guard")
+    # The evaluations send refresh 0 and no loop guard unless asked, so a plain `gated` cell ran
+    # without its defaults.
     text = method + (f" + refresh {refresh}" if refresh else ", no refresh" if method == "gated" else "")
+    text += f" + loop guard {guard}" if guard else ""
     return text + f" @ {density:g}" + (" (default)" if (method, density, options) == DEFAULT_CELL else "")
 
 

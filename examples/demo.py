@@ -55,7 +55,9 @@ def main() -> None:
     else:  # what a user who sets nothing gets
         default = GriffinConfig()
         refresh = algorithm.DEFAULT_REFRESH.get(default.method, 0) if default.refresh is None else default.refresh
-        method = f"default: {default.method}" + (f", refresh {refresh}" if refresh else "")
+        guard = algorithm.DEFAULT_LOOP_GUARD.get(default.method, 0) if default.loop_guard is None else default.loop_guard
+        method = (f"default: {default.method}" + (f", refresh {refresh}" if refresh else "")
+                  + (f", loop guard {guard}" if guard else ""))
     tokenizer = llm.get_tokenizer()
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True) for q in QUESTIONS]

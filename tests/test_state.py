@@ -371,16 +371,16 @@ def test_refresh_is_per_request_and_off_for_dense_and_static_methods():
 
 
 def test_default_is_gated_with_refresh_4_and_topk_keeps_the_paper():
-    """Nothing set: `gated` refreshing every 4 tokens; `topk` asked by name is the paper's
-    (no refresh) unless a refresh is asked for too."""
+    """Nothing set: `gated` refreshing every 4 tokens (no loop guard); `topk` asked by name is
+    the paper's (no refresh) unless a refresh is asked for too."""
     state = GriffinState(GriffinConfig(), LAYERS, WIDTH, torch.device("cpu"), max_seqs=4)
     rows = [StepRow("d", 4, 0, 4), StepRow("t", 4, 0, 4, {"griffin": {"method": "topk"}}),
             StepRow("r", 4, 0, 4, {"griffin": {"method": "topk", "refresh": 8}})]
     run_layers(state, state.plan_step(rows), torch.randn(12, WIDTH))
     d, t, r = (state.requests[x] for x in "dtr")
     # Width 16 at 0.5: a budget of 8 neurons, a pool of 12 and 6 experts per token ((12 + 2 * 6) / 3 = 8).
-    assert (d.method, d.refresh, d.k, d.token_k) == ("gated", 4, (12, 12), (6, 6))
-    assert (t.method, t.refresh, t.token_k) == ("topk", 0, None) and (r.refresh, r.k) == (8, (8, 8))
+    assert (d.method, d.refresh, d.loop_guard, d.k, d.token_k) == ("gated", 4, 0, (12, 12), (6, 6))
+    assert (t.method, t.refresh, t.loop_guard, t.token_k) == ("topk", 0, 0, None) and (r.refresh, r.k) == (8, (8, 8))
 
 
 def test_a_gated_row_in_the_step_leaves_the_other_rows_their_experts():

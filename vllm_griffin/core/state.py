@@ -536,11 +536,8 @@ class GriffinState:
             return False
         if state.refresh and generated % state.refresh == 0:
             return True
-        if state.repeats is None:
+        if state.repeats is None or token_ids is None:  # no token ids: a runner without them (see admit)
             return False
-        if token_ids is None:
-            raise RuntimeError(f"GRIFFIN: request {state.req_id} has a loop guard, but its step row "
-                               "carries no token ids")
         return state.repeats.repeats(token_ids[state.prompt_len: pos + 1], generated)
 
     def _refreshed_before(self, state: RequestState, pos: int) -> bool:
