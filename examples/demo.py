@@ -54,8 +54,9 @@ def main() -> None:
         method = args.method
     else:  # what a user who sets nothing gets
         default = GriffinConfig()
-        refresh = algorithm.DEFAULT_REFRESH.get(default.method, 0) if default.refresh is None else default.refresh
-        guard = algorithm.DEFAULT_LOOP_GUARD.get(default.method, 0) if default.loop_guard is None else default.loop_guard
+        refresh, guard = default.refresh, default.loop_guard
+        refresh = algorithm.DEFAULT_REFRESH.get(default.method, 0) if refresh is None else refresh
+        guard = algorithm.DEFAULT_LOOP_GUARD.get(default.method, 0) if guard is None else guard
         method = (f"default: {default.method}" + (f", refresh {refresh}" if refresh else "")
                   + (f", loop guard {guard}" if guard else ""))
     tokenizer = llm.get_tokenizer()
