@@ -17,6 +17,7 @@ docs/quality.md
   <!-- quality:table --> ... <!-- /quality:table -->        results/quality/{humaneval,xsum_rows40-199,chat}_*.json
                                                             (benchmarks/quality_selection.sh)
   <!-- quality:screen --> ... <!-- /quality:screen -->      results/quality/screen_selection_*.json
+  <!-- quality:screen-alloc --> ...                           results/quality/screen_alloc_*.json
 docs/serving.md
   <!-- soak:begin --> ... <!-- soak:end -->                 results/soak_10min.json,
                                                             results/soak_10min_without_griffin.json
@@ -268,8 +269,13 @@ SCREEN_COST = {"topk": "0.5", "topk@0.75": "0.75", "topk_magnitude": "0.5", "tok
                "refresh4": "0.625", "refresh4_decay0.5": "0.625", "refresh16": "0.53", "refresh16_decay0.5": "0.53"}
 
 
-def screen_table() -> str:
-    data = json.loads(SCREEN.read_text())
+# Session 10's screen of per-layer budgets (same problems and tokens; its topk and gated rows
+# re-measured beside them on this machine).
+SCREEN_ALLOC = QUALITY / f"screen_alloc_{QWEN}.json"
+
+
+def screen_table(path: Path = SCREEN) -> str:
+    data = json.loads(path.read_text())
     lines = ["| candidate | cost (share of the MLP) | top-1 agreement with dense | mean KL(dense ‖ candidate) |",
              "|---|---|---|---|"]
     for name, (agree, kl) in data["mean"].items():
@@ -279,6 +285,8 @@ def screen_table() -> str:
             cost = f"{(pool + 2 * k) / 3:.3g}"
         elif cost is None and name.startswith("svd"):
             cost = "0.5 + predictor"
+        elif cost is None and name.startswith("alloc"):
+            cost = "0.5"
         lines.append(f"| {name} | {cost} | {agree:.3f} | {kl:.3f} |")
     return "\n".join(lines)
 
@@ -371,7 +379,9 @@ def main() -> None:
                              "bench-trained:begin": bench_trained(), "bench:h200": h200_table(),
                              "gpu-model:begin": gpu_model_tables()})
     fill(DOCS / "quality.md", {"quality:table": quality_table(),
-                               **({"quality:screen": screen_table()} if SCREEN.exists() else {})})
+                               **({"quality:screen": screen_table()} if SCREEN.exists() else {}),
+                               **({"quality:screen-alloc": screen_table(SCREEN_ALLOC)} if SCREEN_ALLOC.exists()
+                                  else {})})
     fill(DOCS / "serving.md", {"soak:begin": soak_table()})
 
 
