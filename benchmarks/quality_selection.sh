@@ -60,6 +60,7 @@ case "${1:-all}" in
               --setting greedy --out $Q/xsum_rows40-199_smollm2-135m-instruct.json ;;
   # The cells of one shared engine (dense, topk, topk_magnitude, gated at 0.5), run again into the existing files:
   # session 9 found (cd6d1be) that until then a gated row in a CPU step could give other rows the wrong k.
+  # Session 10 ran the two HumanEval splits (the same problems solved as before) and stopped there.
   remeasure) for split in "0 tune" "82 heldout"; do set -- $split
                griffin eval humaneval --model $QWEN --start "$1" --limit 82 --methods full,topk,topk_magnitude,gated \
                  --densities 0.5 --chunk 512 --out $Q/humaneval_$2_$QWEN.json --append; done

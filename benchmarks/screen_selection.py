@@ -194,6 +194,12 @@ def candidates(screen: Screen, acts, stats, dense_z, weights) -> dict:
         budgets = allocate(stats, 0.5, low, high)
         out[f"alloc{low}-{high}_topk"] = static([torch.topk(s, b_l).indices for s, b_l in zip(stats, budgets)])
         out[f"alloc{low}-{high}_gated"] = gated_layers(budgets, stats)
+    # Dense first / last layers, the others' budget lowered to keep the total (gated's split per layer).
+    layers, half = stats.shape[0], width // 2
+    for name, dense_layers in (("first", {0}), ("last", {layers - 1}), ("firstlast", {0, layers - 1})):
+        rest = (layers * half - len(dense_layers) * width) // (layers - len(dense_layers))
+        budgets = [width if layer in dense_layers else rest for layer in range(layers)]
+        out[f"gated_dense_{name}"] = gated_layers(budgets, stats)
     for rank in (64, 128, 256):
         out[f"svd{rank}_gate"] = per_token(
             lambda layer, mlp, z, x, r=rank: mlp.act_fn(screen.lowrank(mlp, "gate_proj", r)(x)).abs(), half)

@@ -145,6 +145,44 @@ def speed_headline() -> str:
     return "\n".join(lines) + f"\n\n```\n{commands}\n```"
 
 
+METHOD_LABELS = {"gated+refresh4": "`gated` + refresh 4 (the default)", "topk": "`topk` (the paper)"}
+TRAINED_BATCHES = (1, 4, 8)
+
+
+def trained_headline() -> str:
+    """README's speed table: every ``bench_trained_*.json`` (trained models, real prompts), then the
+    random-weight 1B shape (``cpu_bench.json``) as the memory-bound reference; GRIFFIN/dense at
+    density 0.5 per batch, and the batch's union of experts as a share of the neurons."""
+    rows, files = [], []
+    for path in sorted(RESULTS.glob("bench_trained_*.json")):
+        files.append(path)
+        summary = [r for r in json.loads(path.read_text())["summary"] if r["density"] == 0.5]
+        for model in dict.fromkeys(r["model"] for r in summary):
+            for method in METHOD_LABELS:
+                cells = {r["batch"]: r for r in summary if r["model"] == model and r.get("method") == method}
+                if not cells:
+                    continue
+                first = next(iter(cells.values()))
+                what = f"{BENCH_MODELS[model]}, {first['prompts']} prompts"
+                rows.append((what, METHOD_LABELS[method], cells))
+    reference = RESULTS / "cpu_bench.json"
+    if reference.exists():
+        files.append(reference)
+        summary = json.loads(reference.read_text())["summary"]
+        cells = {r["batch"]: r for r in summary if r["model"] == "llama-1b" and r["density"] == 0.5}
+        rows.append(("Llama 1B shape, random weights, random 32-token prompts", METHOD_LABELS["topk"], cells))
+    cols = " | ".join(f"batch {b}" for b in TRAINED_BATCHES)
+    lines = [f"| model, prompts | method @ density 0.5 | {cols} | union of experts, batch "
+             + " / ".join(map(str, TRAINED_BATCHES)) + " |", "|---|---|" + "---|" * (len(TRAINED_BATCHES) + 1)]
+    for what, label, cells in rows:
+        ratios = [f"{cells[b]['vs_dense']:.2f}" if b in cells else "-" for b in TRAINED_BATCHES]
+        unions = [f"{cells[b]['union_fraction']:.2f}" if cells.get(b, {}).get("union_fraction") is not None
+                  else "-" for b in TRAINED_BATCHES]
+        lines.append(f"| {what} | {label} | " + " | ".join(ratios) + " | " + " / ".join(unions) + " |")
+    commands = "\n".join(bench_command(p) for p in files)
+    return "\n".join(lines) + f"\n\n```\n{commands}\n```"
+
+
 def bench_markdown(name: str) -> str:
     path = RESULTS / name
     return path.read_text().strip() + f"\n\n```\n{bench_command(path.with_suffix('.json'))}\n```"
@@ -373,7 +411,8 @@ def fill(path: Path, tables: dict[str, str]) -> None:
 
 
 def main() -> None:
-    fill(README, {"bench:headline": speed_headline(), "quality:headline": quality_table(HEADLINE_QUALITY)})
+    fill(README, {"bench:trained": trained_headline(), "quality:headline": quality_table(HEADLINE_QUALITY)})
+    fill(DOCS / "speed.md", {"bench:headline": speed_headline()})
     fill(DOCS / "speed.md", {"bench:cpu": bench_markdown("cpu_bench.md"),
                              "bench:methods": bench_markdown("cpu_bench_methods.md"),
                              "bench-trained:begin": bench_trained(), "bench:h200": h200_table(),
