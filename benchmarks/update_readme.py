@@ -323,7 +323,7 @@ def screen_table(path: Path = SCREEN) -> str:
             cost = f"{(pool + 2 * k) / 3:.3g}"
         elif cost is None and name.startswith("svd"):
             cost = "0.5 + predictor"
-        elif cost is None and name.startswith("alloc"):
+        elif cost is None and name.startswith(("alloc", "gated_dense_")):
             cost = "0.5"
         lines.append(f"| {name} | {cost} | {agree:.3f} | {kl:.3f} |")
     return "\n".join(lines)
