@@ -246,8 +246,6 @@ QWEN = "qwen2.5-coder-0.5b-instruct"
 CHAT_MODELS = ("smollm2-135m-instruct", "gemma-3-270m", QWEN)
 XSUM_MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 DEFAULT_CELL = ("gated", 0.5, json.dumps({"refresh": 4}))
-# README's quality rows: the default, the paper, the default method at a higher density, dense.
-HEADLINE_QUALITY = (DEFAULT_CELL, ("topk", 0.5, "{}"), ("gated", 0.75, "{}"), ("full", 1.0, "{}"))
 
 
 def _cells(path: Path) -> dict[tuple, dict]:
@@ -411,7 +409,7 @@ def fill(path: Path, tables: dict[str, str]) -> None:
 
 
 def main() -> None:
-    fill(README, {"bench:trained": trained_headline(), "quality:headline": quality_table(HEADLINE_QUALITY)})
+    fill(README, {"bench:trained": trained_headline(), "quality:headline": quality_table()})
     fill(DOCS / "speed.md", {"bench:headline": speed_headline()})
     fill(DOCS / "speed.md", {"bench:cpu": bench_markdown("cpu_bench.md"),
                              "bench:methods": bench_markdown("cpu_bench_methods.md"),
