@@ -347,6 +347,23 @@ def test_loop_guard_refreshes_where_the_output_repeats_itself_and_a_recompute_re
     assert fired == [3, 4, 6, 9] and state.loop_guard_tokens == 1  # 9 is on the schedule too
 
 
+def test_loop_guard_reads_only_verified_tokens():
+    """A speculative draft is not output yet: where the row's token ids end before a position
+    (the runner passes them up to the last verified token), the guard does not fire there."""
+    P, out = 3, [7, 8, 7, 8]
+    tokens = torch.tensor([100, 101, 102] + out).numpy()
+    state = make_state(loop_guard=2)
+    run_layers(state, state.plan_step([StepRow("a", P, 0, P, token_ids=tokens)]), torch.randn(P, WIDTH))
+    for pos in (P, P + 1):
+        run_layers(state, state.plan_step([StepRow("a", P, pos, 1, token_ids=tokens)]), torch.randn(1, WIDTH))
+    # Positions P+2 (verified) and P+3 (a draft) in one row: (7, 8) repeats at index 3, a draft.
+    plan = state.plan_step([StepRow("a", P, P + 2, 2, token_ids=tokens[: P + 3])])
+    assert not plan.refreshes and plan.sparse_idx.tolist() == [0, 1]
+    # Verified later, the same position fires.
+    plan = state.plan_step([StepRow("a", P, P + 3, 1, token_ids=tokens)])
+    assert [p for _, _, p in plan.refreshes] == [P + 3]
+
+
 def test_loop_guard_is_off_where_the_runner_shows_no_token_ids():
     state = make_state(loop_guard=4)
     state.token_ids_visible = False  # asynchronous scheduling, Model Runner V2

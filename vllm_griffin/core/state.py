@@ -60,8 +60,8 @@ class StepRow:
     # KV block ids of the request (prefix caching on, while its prompt runs): the
     # per-block statistic rows its prompt tokens fill, or a cache hit reads.
     block_ids: Sequence[int] | None = None
-    # The row's token ids, prompt then output, at least up to the last scheduled position
-    # (a view of the runner's array; read only for requests with a loop guard).
+    # The row's token ids, prompt then output, up to its last verified token (speculative drafts
+    # are not included; a view of the runner's array, read only for requests with a loop guard).
     token_ids: Sequence[int] | None = None
 
 
@@ -536,8 +536,8 @@ class GriffinState:
             return False
         if state.refresh and generated % state.refresh == 0:
             return True
-        if state.repeats is None or token_ids is None:  # no token ids: a runner without them (see admit)
-            return False
+        if state.repeats is None or token_ids is None or pos >= len(token_ids):
+            return False  # no token ids (a runner without them: see admit), or a speculative draft
         return state.repeats.repeats(token_ids[state.prompt_len: pos + 1], generated)
 
     def _refreshed_before(self, state: RequestState, pos: int) -> bool:

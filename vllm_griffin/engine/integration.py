@@ -486,6 +486,7 @@ def _step_rows(runner):
             seed=getattr(params, "seed", None),
             # Only prompt rows read or fill per-block statistic rows.
             block_ids=req.block_ids[0] if block_stats and computed < prompt_len else None,
-            token_ids=None if token_ids is None else token_ids[i],
+            # Up to the last verified token: speculative drafts are not the output yet.
+            token_ids=None if token_ids is None else token_ids[i, : int(batch.num_tokens_no_spec[i])],
         ))
     return rows
