@@ -89,6 +89,7 @@ def reference(engines, model_dir, export_root, prompts, extra_args=None):
             alone(prompt)
         for prompt in make_prompts(PREEMPT_LENGTHS, seed=11):
             alone(prompt, REFRESH)
+            alone(prompt, LOOP_GUARD)
         # A prompt that continues another request's output (see the prefix test).
         alone(continued_prompt(prefix_prompts()[0]))
     return [_reference[str(p) + str(extra_args or "")] for p in prompts]
