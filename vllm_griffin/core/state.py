@@ -758,10 +758,15 @@ class GriffinState:
         if paths is not None:
             return paths
         rows, paths = plan.sparse_idx.numel(), []
+        # Rows of the step that run the full MLP (refresh tokens, prompt chunks): without tensor
+        # parallelism the layer can run the masked path in one pass with them (GriffinMLP.run),
+        # the weights streamed once. Under TP every rank must reduce the same number of times
+        # whatever path its own counts pick, so there the passes stay apart.
+        shared = len(plan.dense_idx) if plan.dense_idx is not None and self.tp is None else 0
         can_win: dict[tuple[int, int], bool] = {}  # layers mostly share (kmax, products): ask once
         for layer in range(self.num_layers):
             if plan.sparse_token_k is not None:
-                paths.append(self._gated_path(layer, plan, kernel_ok, device))
+                paths.append(self._gated_path(layer, plan, kernel_ok, device, shared))
                 continue
             products, kmax = plan.sparse_ksum[layer], plan.sparse_kmax[layer]
             if kmax == 0:
@@ -770,12 +775,14 @@ class GriffinState:
                 paths.append(("masked", None))
                 continue
             if kernel_ok and (kmax, products) not in can_win:
-                can_win[kmax, products] = dispatch.kernel_can_win(device, rows, self.width, kmax, products)
+                can_win[kmax, products] = dispatch.kernel_can_win(device, rows, self.width, kmax, products,
+                                                                  dense_rows=shared)
             if kernel_ok and not can_win[kmax, products]:
                 paths.append(("masked", None))  # even the smallest union loses: no need to count it
             else:
                 union = self.sparse_union(layer, plan)
-                paths.append((dispatch.choose_path(device, kernel_ok, rows, self.width, union, products), union))
+                paths.append((dispatch.choose_path(device, kernel_ok, rows, self.width, union, products,
+                                                   dense_rows=shared), union))
         plan.sparse_paths[kernel_ok] = paths
         # Counted once per step for the layers this rank runs (not once per layer call).
         for layer in self.held_layers:
@@ -786,7 +793,8 @@ class GriffinState:
                 self.union_samples += 1
         return paths
 
-    def _gated_path(self, layer: int, plan: StepPlan, kernel_ok: bool, device: torch.device) -> tuple[str, int | None]:
+    def _gated_path(self, layer: int, plan: StepPlan, kernel_ok: bool, device: torch.device,
+                    shared: int = 0) -> tuple[str, int | None]:
         """A step with `gated` rows: the CPU gated kernel (rows or union order) where the cost
         model says it beats vLLM's GEMMs with per-row masks, which run it elsewhere."""
         if not kernel_ok or device.type != "cpu":
@@ -795,7 +803,7 @@ class GriffinState:
         # Up and down rows of at most the pools' union: an upper bound on the weight traffic.
         union = (pools + 2 * min(pools, plan.sparse_gated_kept[layer])) // 3
         path = dispatch.choose_path(device, True, plan.sparse_idx.numel(), self.width, union,
-                                    round(plan.sparse_gated_products[layer]))
+                                    round(plan.sparse_gated_products[layer]), dense_rows=shared)
         return ("masked" if path == "masked" else f"gated_{path}"), pools
 
     def sparse_union(self, layer: int, plan: StepPlan) -> int:

@@ -160,8 +160,10 @@ class GriffinMLP(nn.Module):
             return out
         if plan.only_sparse and x.shape[0] == plan.num_tokens:  # a pure decode step: no copies
             return self._run_experts(x, plan)
-        out = torch.empty_like(x)
         dense_idx = _with_padding(plan, x.shape[0])
+        if dense_idx.numel() and state.tp is None and self._decode_path(x.device, plan) == "masked":
+            return self._one_pass(x, plan, dense_idx)
+        out = torch.empty_like(x)
         if dense_idx.numel():
             gate_up, _ = self._gate_up_fn(x.index_select(0, dense_idx))
             z = self._act_fn(gate_up)
@@ -171,6 +173,26 @@ class GriffinMLP(nn.Module):
             out.index_copy_(0, dense_idx, dense_out)
         out.index_copy_(0, plan.sparse_idx, self._run_experts(x.index_select(0, plan.sparse_idx), plan))
         return out
+
+    def _one_pass(self, x: torch.Tensor, plan: StepPlan, dense_idx: torch.Tensor) -> torch.Tensor:
+        """Dense rows (captured where the plan says) and masked sparse rows through vLLM's
+        GEMMs together: the weights stream once for the step (decode_paths chose it)."""
+        gate_up, _ = self._gate_up_fn(x)
+        z_dense = self._act_fn(gate_up.index_select(0, dense_idx))
+        if plan.capture_pos is not None:
+            self.state.capture(self.layer_index, z_dense, plan)
+        z_sparse = self._masked_activation(gate_up.index_select(0, plan.sparse_idx), plan)
+        z = torch.empty((x.shape[0], z_dense.shape[1]), dtype=z_dense.dtype, device=z_dense.device)
+        z.index_copy_(0, dense_idx, z_dense)
+        z.index_copy_(0, plan.sparse_idx, z_sparse)
+        out, _ = self._down_fn(z)
+        return out
+
+    def _decode_path(self, device: torch.device, plan: StepPlan) -> str:
+        kernel_ok = self._kernel_ok
+        if kernel_ok is None:
+            kernel_ok = self._kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
+        return self.state.decode_paths(plan, kernel_ok, device)[self.layer_index][0]
 
     def _masked_activation(self, gate_up: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """The activation of vLLM's gate_up output, each row keeping only its request's

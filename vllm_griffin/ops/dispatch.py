@@ -75,9 +75,7 @@ def cost_model(device: torch.device) -> CostModel:
 
 
 def predicted_times(rows: int, width: int, union: int, products: int, cost: CostModel) -> dict[str, float]:
-    dense = (width * (1 + cost.dense_compute * (rows - 1)) if cost.dense_additive
-             else max(width, cost.dense_compute * rows * width))
-    times = {"dense": dense,
+    times = {"dense": dense_time(rows, width, cost),
              "rows": cost.overhead + cost.rows_stream * products}
     if cost.union_stream is not None and rows > 1:
         overhead = cost.overhead if cost.union_overhead is None else cost.union_overhead
@@ -90,14 +88,30 @@ def predicted_times(rows: int, width: int, union: int, products: int, cost: Cost
 GPU_PATHS = {"rows": "triton", "union": "triton_union"}
 
 
+def dense_time(rows: int, width: int, cost: CostModel) -> float:
+    if rows <= 0:
+        return 0.0
+    if cost.dense_additive:
+        return width * (1 + cost.dense_compute * (rows - 1))
+    return max(width, cost.dense_compute * rows * width)
+
+
 def choose_path(device: torch.device, kernel_ok: bool, rows: int, width: int, union: int, products: int,
-                cost: CostModel | None = None) -> str:
-    """The fastest predicted path; the expert kernels must beat dense by ``min_gain``."""
+                cost: CostModel | None = None, dense_rows: int = 0) -> str:
+    """The fastest predicted path; the expert kernels must beat dense by ``min_gain``.
+
+    ``dense_rows``: rows of the same step that run the full MLP anyway (refresh tokens,
+    prompt chunks) and whose GEMMs the masked path can share (the layer runs them as one
+    pass). The weights stream once for those; the masked path then costs only the extra
+    rows' arithmetic, which the expert kernels, streaming the weights a second time,
+    must beat."""
     if not kernel_ok:
         return "masked" if products > width else "gather"
     cost = cost or cost_model(device)
     times = predicted_times(rows, width, union, products, cost)
     dense = times.pop("dense")
+    if dense_rows:
+        dense = dense_time(rows + dense_rows, width, cost) - dense_time(dense_rows, width, cost)
     best = min(times, key=times.get)
     if dense / times[best] < cost.min_gain:
         return "masked"
@@ -107,12 +121,14 @@ def choose_path(device: torch.device, kernel_ok: bool, rows: int, width: int, un
 
 
 def kernel_can_win(device: torch.device, rows: int, width: int, kmax: int, products: int,
-                   cost: CostModel | None = None) -> bool:
-    """False when even the smallest possible union (kmax) cannot beat dense: then
-    the union need not be counted at all."""
+                   cost: CostModel | None = None, dense_rows: int = 0) -> bool:
+    """False when even the smallest possible union (kmax) cannot beat dense (or, with
+    ``dense_rows``, the shared pass of choose_path): then the union need not be counted."""
     cost = cost or cost_model(device)
     times = predicted_times(rows, width, kmax, products, cost)
     dense = times.pop("dense")
+    if dense_rows:
+        dense = dense_time(rows + dense_rows, width, cost) - dense_time(dense_rows, width, cost)
     return dense / min(times.values()) >= cost.min_gain
 
 
