@@ -85,6 +85,12 @@ def test_union_size_and_dispatch():
     # H200 (benchmarks/results/h200_triton_experts.json), D = 14336:
     assert choose_path(cuda, True, 1, 14336, 7168, 7168) == "triton"          # 1.47x
     assert choose_path(cuda, True, 4, 14336, 14336, 4 * 7168) == "masked"     # 0.64x
+    # A step whose dense rows (refresh tokens, prompt chunks) stream the weights anyway: the
+    # masked path shares their pass and costs only its rows' arithmetic, so what wins alone
+    # (union at 4 rows on the 1B shape, rows at 1) no longer does.
+    assert choose_path(cpu, True, 4, 8192, 6600, 4 * 4096, dense_rows=1) == "masked"
+    assert choose_path(cpu, True, 1, 8192, 4096, 4096, dense_rows=2) == "masked"
+    assert choose_path(cpu, True, 4, 8192, 6600, 4 * 4096, dense_rows=0) == "union"
 
 
 TRITON_CHECK = r"""
