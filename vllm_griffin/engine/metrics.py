@@ -27,7 +27,8 @@ Exported (``_total``/``_sum``/``_count``/``_bucket`` suffixes as Prometheus adds
 ``vllm:griffin_accumulator_capacity``       gauge     prompt-statistic accumulators allocated
 ``vllm:griffin_block_stat_rows_written``    gauge     KV blocks whose prompt statistic was filled
 ``vllm:griffin_decode_union_fraction``      summary   share of FF neurons a multi-row decode layer-step
-                                                      needs (union of its rows' experts)
+                                                      needs (union of its rows' experts; not counted
+                                                      where the step's dense rows share the masked pass)
 ``vllm:griffin_decode_layer_steps_total``   counter   decode layer-steps by kernel path
 ``vllm:griffin_capture_seconds_total``      counter   worker time adding prompt statistics
 ``vllm:griffin_selection_seconds_total``    counter   worker time selecting experts
