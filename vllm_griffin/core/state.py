@@ -94,8 +94,12 @@ class RequestState:
     epoch_start: int = 0
     past_epochs: list = field(default_factory=list)
     epoch_starts: list = field(default_factory=list)  # the past epochs' first positions
-    refresh_positions: list = field(default_factory=list)  # ascending
     repeats: algorithm.RepeatFinder | None = None  # the loop guard's n-grams of the output
+
+    @property
+    def refresh_positions(self) -> list[int]:
+        """The positions that refreshed, ascending: each started the next stretch of experts."""
+        return [start - 1 for start in (*self.epoch_starts[1:], self.epoch_start)] if self.epoch_starts else []
 
     @property
     def refreshing(self) -> bool:
@@ -542,8 +546,11 @@ class GriffinState:
 
     def _refreshed_before(self, state: RequestState, pos: int) -> bool:
         """Whether the generated token at ``pos`` refreshed when it first ran."""
-        i = bisect.bisect_left(state.refresh_positions, pos)
-        return i < len(state.refresh_positions) and state.refresh_positions[i] == pos
+        if pos > state.refreshed:  # a token past the last refresh (every new one): no lookup
+            return False
+        refreshed = state.refresh_positions
+        i = bisect.bisect_left(refreshed, pos)
+        return i < len(refreshed) and refreshed[i] == pos
 
     def _replay_slot(self, replays: dict, state: RequestState, pos: int) -> tuple[int, tuple[int, ...]]:
         """A table slot holding the experts the token at ``pos`` first ran on (an earlier
@@ -856,10 +863,9 @@ class GriffinState:
             if state.req_id not in self.requests:  # released meanwhile: nothing to fold into
                 continue
             # decay * what it had + the token, standing for the tokens generated since the last one.
-            since = pos - (state.refreshed if state.refreshed >= state.prompt_len else state.prompt_len)
+            since = pos - max(state.refreshed, state.prompt_len)
             self.acc[:, state.acc_slot].mul_(algorithm.REFRESH_DECAY).add_(self.acc[:, scratch], alpha=since)
             state.refreshed = pos
-            state.refresh_positions.append(pos)
             refreshed.append(state)
         self._return_lent_slots()
         for state in refreshed:

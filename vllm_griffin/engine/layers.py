@@ -189,10 +189,12 @@ class GriffinMLP(nn.Module):
         return out
 
     def _decode_path(self, device: torch.device, plan: StepPlan) -> str:
-        kernel_ok = self._kernel_ok
-        if kernel_ok is None:
-            kernel_ok = self._kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
-        return self.state.decode_paths(plan, kernel_ok, device)[self.layer_index][0]
+        return self.state.decode_paths(plan, self._kernel_supported(), device)[self.layer_index][0]
+
+    def _kernel_supported(self) -> bool:
+        if self._kernel_ok is None:
+            self._kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
+        return self._kernel_ok
 
     def _masked_activation(self, gate_up: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """The activation of vLLM's gate_up output, each row keeping only its request's
@@ -214,10 +216,7 @@ class GriffinMLP(nn.Module):
     def _run_experts(self, xs: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """Each decode row through its own experts, by the path the cost model picks."""
         layer = self.layer_index
-        kernel_ok = self._kernel_ok
-        if kernel_ok is None:
-            kernel_ok = self._kernel_ok = ops.kernel_supports(self.expert_weights, self.activation)
-        path, _ = self.state.decode_paths(plan, kernel_ok, xs.device)[layer]
+        path = self._decode_path(xs.device, plan)
         if path == "masked":
             # vLLM's own GEMMs (and its tensor-parallel reduction), experts kept per row.
             gate_up, _ = self._gate_up_fn(xs)
